@@ -1,0 +1,597 @@
+"""The crystallm text format: one compact, symmetry-aware, CIF-like text per crystal.
+
+This module is the only definition of the format: its layout, its precision, its lexemes (the units
+the tokenizer maps to ids) and its vocabulary. Everything else imports from here.
+
+An example (GaTe, P6_3/mmc)::
+
+    data_GaTe
+    _space_group_name_H-M_alt P6_3/mmc
+    _cell_formula_units_Z 4
+    _cell_length_a 4.13
+    _cell_length_c 18.43
+    loop_
+    _atom_site_type_symbol
+    _atom_site_Wyckoff_symbol
+    _atom_site_fract_x
+    _atom_site_fract_y
+    _atom_site_fract_z
+    Ga 4f . . 0.1830
+    Te 4f . . 0.8862
+
+Rules:
+
+* ``data_`` names the reduced formula (elements in pymatgen's electronegativity order);
+  ``_cell_formula_units_Z`` is the number of formula units in the conventional cell.
+* The setting is the ITA standard one of `crystallm.symmetry` (spglib's standardized conventional cell).
+* Only the lattice parameters that the crystal system leaves free are written (a cubic cell has
+  ``_cell_length_a`` alone); the others follow from the space group.
+* Each orbit of the asymmetric unit is one row: element, Wyckoff symbol (multiplicity + letter), and
+  x, y, z, where a coordinate fixed or tied by the Wyckoff position is written ``.`` and a free one
+  is its value in ITA's representative (e.g. ``x, 2x, 1/4``).
+* Canonical choices: every description that the space group's Euclidean normalizer allows (other
+  origins, inversion; for polar groups the sliding origin pinned so that a first site sits at 0) is
+  written, each orbit with its smallest representative and rows sorted by element (formula order),
+  Wyckoff letter and parameters, and the smallest text wins. So the same crystal in any cell,
+  orientation, origin or site order gives the same text (mirror images count as the same crystal),
+  up to last-digit rounding of positions that were not exactly symmetric to begin with.
+* Precision: lengths 0.01 Å, angles 0.01°, fractional coordinates 1e-4. Lengths lie in [1, 180) Å.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+from pymatgen.core import Element, Lattice, Structure
+
+from crystallm import symmetry
+from crystallm.errors import (CrystaLLMInputError, InvalidStructureError, MalformedCIFError, MalformedTextError,
+                             WyckoffLocationError)
+
+FORMAT_VERSION = "1"
+
+LENGTH_DECIMALS = 2
+ANGLE_DECIMALS = 2
+COORDINATE_DECIMALS = 4
+MAX_LENGTH = 180.0  # Å; an integer-part lexeme exists for every length and angle below this
+MIN_LENGTH = 1.0  # Å; shorter cell edges are degenerate
+MAX_FORMULA_UNITS = 256
+
+DATA_PREFIX = "data_"
+TAG_SPACE_GROUP = "_space_group_name_H-M_alt"
+TAG_FORMULA_UNITS = "_cell_formula_units_Z"
+LATTICE_TAGS = ("_cell_length_a", "_cell_length_b", "_cell_length_c",
+                "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
+ATOM_SITE_TAGS = ("_atom_site_type_symbol", "_atom_site_Wyckoff_symbol",
+                  "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
+LOOP_HEADER = "\n".join(["loop_", *ATOM_SITE_TAGS])
+FIXED_COORDINATE = "."
+
+# Indices into LATTICE_TAGS written for each crystal system; the rest follow from the symmetry.
+FREE_LATTICE_PARAMETERS = {
+    "triclinic": (0, 1, 2, 3, 4, 5),
+    "monoclinic": (0, 1, 2, 4),  # unique axis b
+    "orthorhombic": (0, 1, 2),
+    "tetragonal": (0, 2),
+    "trigonal": (0, 2),  # hexagonal axes, rhombohedral groups included
+    "hexagonal": (0, 2),
+    "cubic": (0,),
+}
+
+# The lexemes, in the order a regex must try them. The tokenizer pre-splits text with this pattern,
+# so every lexeme carries the whitespace in front of it and decoding is plain concatenation.
+LEXEME_PATTERN = "|".join([
+    re.escape("\n" + LOOP_HEADER),  # the whole atom-site loop header
+    r"\n_[A-Za-z_\-]+",  # a tag starting a line
+    re.escape(DATA_PREFIX),
+    r" 0\.\d\d",  # the first two decimals of a fractional coordinate
+    r" \d+\.",  # the integer part of a length or angle
+    r"\d\d",  # two further decimals; or a two-digit formula count
+    r" \d+[A-Za-z]",  # a Wyckoff symbol
+    r" \d+",  # the number of formula units
+    r" \.",  # a coordinate fixed by the Wyckoff position
+    r" [A-Z][^\s]*",  # a space-group symbol
+    r"\n[A-Z][a-z]?",  # the element starting an atom-site row
+    r"[A-Z][a-z]?",  # an element of the formula
+    r"\d",  # a one-digit formula count
+    r"\s|\S",  # anything else, one character at a time (unknown to the vocabulary)
+])
+
+_FORMULA_RE = re.compile(r"([A-Z][a-z]?)(\d*)")
+
+
+def element_symbols() -> list[str]:
+    """Every element symbol the format knows (pymatgen's periodic table)."""
+    return [element.symbol for element in Element]
+
+
+@lru_cache(maxsize=None)
+def vocabulary() -> tuple[str, ...]:
+    """Every lexeme of the format. Text made of these (and nothing else) tokenizes without unknowns."""
+    lexemes = ["\n" + LOOP_HEADER, DATA_PREFIX, " " + FIXED_COORDINATE]
+    lexemes += ["\n" + tag for tag in (TAG_SPACE_GROUP, TAG_FORMULA_UNITS, *LATTICE_TAGS)]
+    lexemes += [" " + symmetry.space_group_symbol(number) for number in range(1, 231)]
+    labels = {wp.label for number in range(1, 231) for wp in symmetry.wyckoff_positions(number)}
+    lexemes += sorted((" " + label for label in labels), key=lambda s: (int(s[1:-1]), s[-1]))
+    symbols = element_symbols()
+    lexemes += symbols + ["\n" + symbol for symbol in symbols]
+    lexemes += [f" {units}" for units in range(1, MAX_FORMULA_UNITS + 1)]
+    lexemes += [f" 0.{k:02d}" for k in range(100)]
+    lexemes += [f" {k}." for k in range(1, int(MAX_LENGTH))]
+    lexemes += [f"{k:02d}" for k in range(100)] + [str(k) for k in range(10)]
+    assert len(set(lexemes)) == len(lexemes), "lexemes must be distinct"
+    return tuple(lexemes)
+
+
+def split_lexemes(text: str) -> list[str]:
+    """Split a text into lexemes (what the tokenizer does before mapping them to ids).
+
+    >>> split_lexemes("data_GaTe\\n_cell_length_a 4.13")
+    ['data_', 'Ga', 'Te', '\\n_cell_length_a', ' 4.', '13']
+    """
+    return _LEXEME_RE.findall(text)
+
+
+_LEXEME_RE = re.compile(LEXEME_PATTERN)
+
+
+@dataclass(frozen=True)
+class AtomSite:
+    """One row of the atom-site loop: an orbit of the asymmetric unit."""
+
+    element: str
+    wyckoff: symmetry.WyckoffPosition
+    params: tuple[float, ...]  # free coordinates, in the order of wyckoff.free_axes
+
+
+@dataclass(frozen=True)
+class CrystalText:
+    """The content of one text, before layout: what `format_crystal_text` writes and `read_crystal_text` reads."""
+
+    formula: dict[str, int]  # reduced formula, in writing order
+    space_group: int
+    formula_units: int
+    lattice_parameters: tuple[float, float, float, float, float, float]
+    sites: tuple[AtomSite, ...]
+
+
+def format_formula(formula: dict[str, int]) -> str:
+    """'GaTe', 'Ga2Te3': element then count, a count of 1 left out."""
+    return "".join(f"{element}{count if count != 1 else ''}" for element, count in formula.items())
+
+
+def _format_number(value: float, decimals: int) -> str:
+    return f"{value:.{decimals}f}"
+
+
+def _round_coordinate(value: float) -> float:
+    """Round to the format's precision and wrap into [0, 1) (0.99996 becomes 0.0)."""
+    return round(float(value), COORDINATE_DECIMALS) % 1.0
+
+
+def format_crystal_text(crystal: CrystalText) -> str:
+    """Lay out a CrystalText as text (the inverse of `read_crystal_text`)."""
+    system = symmetry.crystal_system(crystal.space_group)
+    lines = [DATA_PREFIX + format_formula(crystal.formula),
+             f"{TAG_SPACE_GROUP} {symmetry.space_group_symbol(crystal.space_group)}",
+             f"{TAG_FORMULA_UNITS} {crystal.formula_units}"]
+    for index in FREE_LATTICE_PARAMETERS[system]:
+        decimals = LENGTH_DECIMALS if index < 3 else ANGLE_DECIMALS
+        lines.append(f"{LATTICE_TAGS[index]} {_format_number(crystal.lattice_parameters[index], decimals)}")
+    lines.append(LOOP_HEADER)
+    for site in crystal.sites:
+        values = [FIXED_COORDINATE] * 3
+        for axis, value in zip(site.wyckoff.free_axes, site.params):
+            values[axis] = _format_number(value, COORDINATE_DECIMALS)
+        lines.append(" ".join([site.element, site.wyckoff.label, *values]))
+    return "\n".join(lines)
+
+
+def _is_element(specie) -> bool:
+    """True for an Element or an ionic Species of one; False for dummy species such as 'X0+'."""
+    return Element.is_valid_symbol(getattr(specie, "symbol", ""))
+
+
+def _formula_order(symbol: str) -> tuple[float, str]:
+    """pymatgen's formula order: by Pauling electronegativity (noble gases, which have none, last)."""
+    electronegativity = Element(symbol).X
+    return (electronegativity if math.isfinite(electronegativity) else math.inf, symbol)
+
+
+def _check_orderable(structure: Structure) -> None:
+    if not isinstance(structure, Structure):
+        raise InvalidStructureError(f"expected a pymatgen Structure, got {type(structure).__name__}")
+    if len(structure) == 0:
+        raise InvalidStructureError("the structure has no atoms")
+    if not structure.is_ordered:
+        index, site = next((i, s) for i, s in enumerate(structure) if not s.is_ordered)
+        raise InvalidStructureError(
+            f"site {index} is disordered or partially occupied ({site.species.formula}); "
+            "the format holds ordered structures only")
+    for index, site in enumerate(structure):
+        if not _is_element(site.specie):
+            raise InvalidStructureError(f"site {index} holds {site.specie!s}, which is not a chemical element")
+    lengths, volume = structure.lattice.abc, structure.lattice.volume
+    if not all(math.isfinite(x) for x in (*lengths, volume)) or volume < 1e-3:
+        raise InvalidStructureError(f"degenerate lattice: lengths {np.round(lengths, 4).tolist()} Å, "
+                                    f"volume {volume:.4g} Å^3")
+
+
+def crystal_text_of(structure: Structure, symprec: float = symmetry.DEFAULT_SYMPREC) -> CrystalText:
+    """Analyse a structure into the content of its canonical text.
+
+    Where spglib's standardized positions at `symprec` do not sit on their Wyckoff positions (noisy cells on
+    the edge of a higher symmetry), tighter tolerances (symprec / 10, / 100) are tried.
+    """
+    _check_orderable(structure)
+    structure = Structure(structure.lattice, [site.specie.symbol for site in structure], structure.frac_coords)
+    for tolerance in (symprec, symprec / 10, symprec / 100):
+        try:
+            return _canonical_crystal_text(symmetry.standard_cell(structure, tolerance))
+        except WyckoffLocationError as error:
+            problem = error
+    raise InvalidStructureError(f"{structure.composition.formula}: {problem} (tried symprec {symprec} to "
+                                f"{symprec / 100})")
+
+
+def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
+    lattice = cell.lattice
+    parameters = (*lattice.abc, *lattice.angles)
+    for name, value in zip(("a", "b", "c"), lattice.abc):
+        if not MIN_LENGTH <= round(value, LENGTH_DECIMALS) < MAX_LENGTH:
+            raise InvalidStructureError(f"cell length {name}={value:.4g} Å of the standardized cell is outside "
+                                        f"the format's range [{MIN_LENGTH}, {MAX_LENGTH}) Å")
+
+    # Reduced formula in pymatgen's order (electronegativity), Z from the conventional cell.
+    counts: dict[str, int] = {}
+    for number in cell.atomic_numbers:
+        symbol = Element.from_Z(int(number)).symbol
+        counts[symbol] = counts.get(symbol, 0) + 1
+    formula_units = math.gcd(*counts.values())
+    if formula_units > MAX_FORMULA_UNITS:
+        raise InvalidStructureError(f"{formula_units} formula units in the conventional cell; "
+                                    f"the format allows at most {MAX_FORMULA_UNITS}")
+    order = sorted(counts, key=_formula_order)
+    formula = {symbol: counts[symbol] // formula_units for symbol in order}
+
+    # Every description the space group's normalizer allows (other origin, inversion, and for polar groups
+    # a sliding origin pinned on a first site); the smallest text is the canonical one.
+    elements = [Element.from_Z(int(z)).symbol for z in cell.atomic_numbers]
+    orbit_ids, orbits, multiplicities = np.unique(cell.equivalent_atoms, return_index=True, return_counts=True)
+    orbits, multiplicities = orbits.tolist(), multiplicities.tolist()  # first atom of each orbit, its size
+    rank = {symbol: i for i, symbol in enumerate(formula)}
+    best: tuple[str, CrystalText] | None = None
+    for rotation, translation in symmetry.origin_choices(cell.space_group):
+        if not _preserves_metric(rotation, lattice):
+            continue
+        coords = np.mod(cell.frac_coords @ rotation.T + translation, 1.0)
+        for shift in _origin_shifts(cell.space_group, coords, orbits, multiplicities, elements, rank):
+            sites = _atom_sites(cell.space_group, np.mod(coords + shift, 1.0), orbits, multiplicities, elements,
+                                rank)
+            crystal = CrystalText(formula, cell.space_group, formula_units, parameters, sites)
+            text = format_crystal_text(crystal)
+            if best is None or text < best[0]:
+                best = (text, crystal)
+    assert best is not None, "the identity is always an origin choice"
+    return best[1]
+
+
+def _preserves_metric(rotation: np.ndarray, lattice: Lattice) -> bool:
+    """Whether x -> rotation @ x is an isometry of this lattice (R^T G R = G)."""
+    metric = lattice.metric_tensor
+    return np.allclose(rotation.T @ metric @ rotation, metric, rtol=1e-5, atol=1e-5)
+
+
+def _atom_sites(space_group: int, coords: np.ndarray, orbits: list[int], multiplicities: list[int],
+                elements: list[str], rank: dict[str, int]) -> tuple[AtomSite, ...]:
+    """One AtomSite per orbit, each with its smallest representative, in canonical order."""
+    sites = []
+    for atom, multiplicity in zip(orbits, multiplicities):
+        wp = symmetry.locate_wyckoff(space_group, coords[atom], multiplicity)
+        candidates = wp.representatives(coords[atom])
+        params = min(tuple(_round_coordinate(v) for v in wp.params_of(point)) for point in candidates)
+        sites.append(AtomSite(elements[atom], wp, params))
+    sites.sort(key=lambda s: (rank[s.element], s.wyckoff.letter.lower(), s.wyckoff.letter, s.params))
+    return tuple(sites)
+
+
+def _origin_shifts(space_group: int, coords: np.ndarray, orbits: list[int], multiplicities: list[int],
+                   elements: list[str], rank: dict[str, int]) -> list[np.ndarray]:
+    """Origin shifts to try: none, or (polar groups) one per candidate first site, putting it at 0 along
+    the axes where the origin may slide."""
+    axes = list(symmetry.free_origin_axes(space_group))
+    if not axes:
+        return [np.zeros(3)]
+    sites = _atom_sites(space_group, coords, orbits, multiplicities, elements, rank)
+    first = (sites[0].element, sites[0].wyckoff.letter)
+    shifts = []
+    for site in sites:
+        if (site.element, site.wyckoff.letter) == first:
+            shift = np.zeros(3)
+            shift[axes] = -site.wyckoff.position(site.params)[axes]
+            shifts.append(shift)
+    return shifts
+
+
+def serialize_structure(structure: Structure, symprec: float = symmetry.DEFAULT_SYMPREC) -> str:
+    """Write a structure as crystallm text (canonical: the same crystal gives the same text).
+
+    >>> from pymatgen.core import Lattice, Structure
+    >>> print(serialize_structure(Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])))
+    data_NaCl
+    _space_group_name_H-M_alt Pm-3m
+    _cell_formula_units_Z 1
+    _cell_length_a 5.64
+    loop_
+    _atom_site_type_symbol
+    _atom_site_Wyckoff_symbol
+    _atom_site_fract_x
+    _atom_site_fract_y
+    _atom_site_fract_z
+    Na 1a . . .
+    Cl 1b . . .
+    """
+    return format_crystal_text(crystal_text_of(structure, symprec))
+
+
+class _Lines:
+    """Line reader that names the line in every error."""
+
+    def __init__(self, text: str):
+        self.lines = text.split("\n")
+        self.index = 0
+
+    def error(self, message: str) -> MalformedTextError:
+        return MalformedTextError(f"line {self.index + 1}: {message}")
+
+    def next(self, what: str) -> str:
+        if self.index >= len(self.lines):
+            raise MalformedTextError(f"text ends after line {len(self.lines)}; expected {what}")
+        line = self.lines[self.index]
+        self.index += 1
+        return line
+
+    def tag_value(self, tag: str) -> str:
+        line = self.next(tag)
+        name, _, value = line.partition(" ")
+        if name != tag or not value:
+            self.index -= 1
+            raise self.error(f"expected '{tag} <value>', got {line!r}")
+        return value
+
+
+def parse_formula(formula: str) -> dict[str, int]:
+    """Read a formula written as `format_formula` does, e.g. 'Ga2Te3' -> {'Ga': 2, 'Te': 3}.
+
+    >>> parse_formula("Ga2Te3")
+    {'Ga': 2, 'Te': 3}
+    """
+    parts = _FORMULA_RE.findall(formula)
+    if not formula or "".join(e + n for e, n in parts) != formula:
+        raise MalformedTextError(f"formula {formula!r} is not element symbols with optional counts")
+    result: dict[str, int] = {}
+    for element, count in parts:
+        if not Element.is_valid_symbol(element):
+            raise MalformedTextError(f"formula {formula!r}: unknown element {element!r}")
+        if element in result:
+            raise MalformedTextError(f"formula {formula!r} names {element} twice")
+        value = int(count) if count else 1
+        if value < 1:
+            raise MalformedTextError(f"formula {formula!r}: count of {element} must be positive")
+        result[element] = value
+    return result
+
+
+def _parse_float(lines: _Lines, value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise lines.error(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise lines.error(f"{what} {value!r} is not finite")
+    return number
+
+
+def read_crystal_text(text: str) -> CrystalText:
+    """Read a text into its content, checking it against the format (the inverse of `format_crystal_text`)."""
+    if not isinstance(text, str):
+        raise MalformedTextError(f"expected a str, got {type(text).__name__}")
+    lines = _Lines(text.strip("\n"))
+    header = lines.next("'data_<formula>'")
+    if not header.startswith(DATA_PREFIX):
+        raise lines.error(f"expected 'data_<formula>', got {header!r}")
+    try:
+        formula = parse_formula(header[len(DATA_PREFIX):])
+    except MalformedTextError as error:
+        raise lines.error(str(error)) from None
+
+    symbol = lines.tag_value(TAG_SPACE_GROUP)
+    try:
+        space_group = symmetry.space_group_number(symbol)
+    except KeyError as error:
+        raise lines.error(error.args[0]) from None
+    units = lines.tag_value(TAG_FORMULA_UNITS)
+    if not units.isdigit() or not 1 <= int(units) <= MAX_FORMULA_UNITS:
+        raise lines.error(f"{TAG_FORMULA_UNITS} must be an integer in 1..{MAX_FORMULA_UNITS}, got {units!r}")
+    formula_units = int(units)
+
+    system = symmetry.crystal_system(space_group)
+    given = {}
+    for index in FREE_LATTICE_PARAMETERS[system]:
+        given[index] = _parse_float(lines, lines.tag_value(LATTICE_TAGS[index]), LATTICE_TAGS[index])
+    parameters = _complete_lattice_parameters(system, given)
+    for name, value in zip("abc", parameters[:3]):
+        if not MIN_LENGTH <= value < MAX_LENGTH:
+            raise MalformedTextError(f"cell length {name}={value} Å is outside [{MIN_LENGTH}, {MAX_LENGTH}) Å")
+    for name, value in zip(("alpha", "beta", "gamma"), parameters[3:]):
+        if not 0 < value < 180:
+            raise MalformedTextError(f"cell angle {name}={value}° is outside (0, 180)°")
+
+    for expected in LOOP_HEADER.split("\n"):
+        line = lines.next(expected)
+        if line != expected:
+            lines.index -= 1
+            raise lines.error(f"expected {expected!r}, got {line!r}")
+
+    sites = []
+    while lines.index < len(lines.lines):
+        sites.append(_read_site(lines, space_group, formula))
+    if not sites:
+        raise MalformedTextError("the atom-site loop has no rows")
+    _check_composition(formula, formula_units, sites)
+    return CrystalText(formula, space_group, formula_units, parameters, tuple(sites))
+
+
+def _complete_lattice_parameters(system: str, given: dict[int, float]) -> tuple[float, ...]:
+    if system == "cubic":
+        a = given[0]
+        return (a, a, a, 90.0, 90.0, 90.0)
+    if system == "tetragonal":
+        return (given[0], given[0], given[2], 90.0, 90.0, 90.0)
+    if system in ("trigonal", "hexagonal"):
+        return (given[0], given[0], given[2], 90.0, 90.0, 120.0)
+    if system == "orthorhombic":
+        return (given[0], given[1], given[2], 90.0, 90.0, 90.0)
+    if system == "monoclinic":
+        return (given[0], given[1], given[2], 90.0, given[4], 90.0)
+    return tuple(given[i] for i in range(6))
+
+
+def _read_site(lines: _Lines, space_group: int, formula: dict[str, int]) -> AtomSite:
+    row = lines.next("an atom-site row")
+    fields = row.split(" ")
+    if len(fields) != 5:
+        raise lines.error(f"an atom-site row has 5 fields (element, Wyckoff symbol, x, y, z), got {row!r}")
+    element, label, *values = fields
+    if element not in formula:
+        raise lines.error(f"element {element!r} is not in the formula {format_formula(formula)}")
+    letter, multiplicity = label[-1:], label[:-1]
+    try:
+        wp = symmetry.wyckoff_position(space_group, letter)
+    except KeyError as error:
+        raise lines.error(error.args[0]) from None
+    if multiplicity != str(wp.multiplicity):
+        raise lines.error(f"Wyckoff {label!r}: position {letter} of space group "
+                          f"{symmetry.space_group_symbol(space_group)} has multiplicity {wp.multiplicity}")
+    params = []
+    for axis, value in enumerate(values):
+        name = "xyz"[axis]
+        if axis in wp.free_axes:
+            number = _parse_float(lines, value, f"coordinate {name}")
+            if not 0.0 <= number < 1.0:
+                raise lines.error(f"coordinate {name}={value} is outside [0, 1)")
+            params.append(number)
+        elif value != FIXED_COORDINATE:
+            raise lines.error(f"coordinate {name} of Wyckoff {wp.label} is fixed by the position and must be "
+                              f"written {FIXED_COORDINATE!r}, got {value!r}")
+    return AtomSite(element, wp, tuple(params))
+
+
+def _check_composition(formula: dict[str, int], formula_units: int, sites: list[AtomSite]) -> None:
+    counts = {element: 0 for element in formula}
+    for site in sites:
+        counts[site.element] += site.wyckoff.multiplicity
+    expected = {element: count * formula_units for element, count in formula.items()}
+    if counts != expected:
+        raise MalformedTextError(f"site multiplicities give {format_formula(counts)} but "
+                                 f"{format_formula(formula)} x Z={formula_units} needs {format_formula(expected)}")
+
+
+def crystal_text_to_structure(crystal: CrystalText, primitive: bool = False) -> Structure:
+    """Build the structure that a CrystalText describes: its conventional cell, or the primitive one."""
+    lattice = Lattice.from_parameters(*crystal.lattice_parameters)
+    species, coords = [], []
+    for site in crystal.sites:
+        orbit = site.wyckoff.orbit(site.params)
+        species += [site.element] * len(orbit)
+        coords.append(orbit)
+    structure = Structure(lattice, species, np.concatenate(coords))
+    return symmetry.primitive_structure(structure) if primitive else structure
+
+
+def parse_structure(text: str, primitive: bool = False) -> Structure:
+    """Read crystallm text back into a pymatgen Structure: the conventional standard cell that the text
+    describes, or (primitive=True) spglib's primitive cell of it.
+
+    Raises MalformedTextError naming the line and the problem.
+
+    >>> text = serialize_structure(Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]))
+    >>> parse_structure(text).composition.reduced_formula
+    'NaCl'
+    """
+    return crystal_text_to_structure(read_crystal_text(text), primitive)
+
+
+def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
+    """Read a CIF (text) into an ordered structure, with errors that name the input and the problem.
+
+    >>> s = structure_from_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]).to(fmt="cif"))
+    >>> s.composition.reduced_formula
+    'CsCl'
+    """
+    from pymatgen.io.cif import CifParser
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            structures = CifParser.from_str(cif).parse_structures(primitive=False)
+        except Exception as error:  # pymatgen raises ValueError, KeyError, IndexError... for bad CIFs
+            problems = "; ".join(str(w.message) for w in caught) or str(error)
+            raise MalformedCIFError(f"{name}: not a readable CIF ({problems})") from error
+    if not structures:
+        raise MalformedCIFError(f"{name}: the CIF holds no structure")
+    structure = structures[0]
+    for index, site in enumerate(structure):
+        for specie in site.species:
+            if not _is_element(specie):
+                raise MalformedCIFError(f"{name}: site {index} holds {specie!s}, which is not a known element")
+    return structure
+
+
+def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFAULT_SYMPREC) -> str:
+    """A standard CIF that other programs (VESTA, ASE, pymatgen) read, with symmetry where found.
+
+    >>> "_symmetry_space_group_name_H-M" in structure_to_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"],
+    ...     [[0, 0, 0], [.5, .5, .5]]))
+    True
+    """
+    from pymatgen.io.cif import CifWriter
+
+    return str(CifWriter(structure, symprec=symprec))
+
+
+@dataclass
+class SerializationResult:
+    """Outcome of serializing one input of a batch: text, or the error that stopped it."""
+
+    name: str
+    text: str | None = None
+    error: str | None = None
+
+
+def serialize_one(item: Structure | str, name: str, symprec: float = symmetry.DEFAULT_SYMPREC) -> SerializationResult:
+    """Serialize a Structure or CIF text, turning bad input into an error record instead of an exception."""
+    try:
+        structure = structure_from_cif(item, name) if isinstance(item, str) else item
+        return SerializationResult(name, text=serialize_structure(structure, symprec))
+    except CrystaLLMInputError as error:
+        return SerializationResult(name, error=f"{type(error).__name__}: {error}")
+
+
+def serialize_batch(items: Iterable[Structure | str], names: Iterable[str] | None = None,
+                    symprec: float = symmetry.DEFAULT_SYMPREC) -> list[SerializationResult]:
+    """Serialize many structures or CIFs; good ones get text, bad ones an error that names them.
+
+    >>> results = serialize_batch(["not a cif", Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0,0,0], [.5,.5,.5]])])
+    >>> [r.error is None for r in results]
+    [False, True]
+    """
+    items = list(items)
+    names = list(names) if names is not None else [f"item {i}" for i in range(len(items))]
+    return [serialize_one(item, name, symprec) for item, name in zip(items, names)]
