@@ -1,0 +1,81 @@
+"""The crystallm tokenizer: one token per lexeme of the text format, built with HF `tokenizers`.
+
+The vocabulary and the pre-tokenizer regex come from `crystallm.serialization`, so the tokenizer
+cannot drift from the format. Each lexeme carries the whitespace before it (``"\\nGa"``, ``" 0.18"``),
+so decoding is plain concatenation and ``decode(encode(text)) == text`` exactly.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from crystallm import serialization
+
+BOS, EOS, PAD, MASK, UNK = "<bos>", "<eos>", "<pad>", "<mask>", "<unk>"
+NUM_PROPERTY_TOKENS = 16
+NUM_VALUE_TOKENS = 64
+# Reserved for property conditioning: a token naming the property, one for "no condition"
+# (classifier-free guidance drops the condition to it), and value tokens (bins).
+PROPERTY_TOKENS = tuple(f"<prop_{i}>" for i in range(NUM_PROPERTY_TOKENS))
+NO_PROPERTY_TOKEN = "<prop_none>"
+VALUE_TOKENS = tuple(f"<value_{i}>" for i in range(NUM_VALUE_TOKENS))
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS)
+
+
+def build_backend_tokenizer() -> Tokenizer:
+    """The `tokenizers.Tokenizer` for the current format: word-level over the format's lexemes."""
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *serialization.vocabulary()))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(serialization.LEXEME_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+class CrystaLLMTokenizer(PreTrainedTokenizerFast):
+    """Tokenizer for crystallm text; `AutoTokenizer.from_pretrained(dir)` returns it once crystallm is imported.
+
+    Encoding prepends `<bos>`; training appends `<eos>`. Padding is on the left, for batched generation.
+
+    >>> tokenizer = CrystaLLMTokenizer.from_format()
+    >>> ids = tokenizer("data_NaCl\\n_space_group_name_H-M_alt Fm-3m")["input_ids"]
+    >>> tokenizer.convert_ids_to_tokens(ids)
+    ['<bos>', 'data_', 'Na', 'Cl', '\\n_space_group_name_H-M_alt', ' Fm-3m']
+    >>> tokenizer.decode(ids, skip_special_tokens=True)
+    'data_NaCl\\n_space_group_name_H-M_alt Fm-3m'
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def __init__(self, *args, **kwargs):
+        for key, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD),
+                           ("unk_token", UNK), ("mask_token", MASK)):
+            kwargs.setdefault(key, token)
+        kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        super().__init__(*args, **kwargs)
+        self.init_kwargs["format_version"] = serialization.FORMAT_VERSION
+
+    @classmethod
+    def from_format(cls) -> "CrystaLLMTokenizer":
+        """Build the tokenizer in memory from the format definition (no files needed)."""
+        return cls(tokenizer_object=build_backend_tokenizer())
+
+    def encode_structure(self, structure, add_eos: bool = False) -> list[int]:
+        """Token ids of a pymatgen Structure's canonical text.
+
+        >>> from pymatgen.core import Lattice, Structure
+        >>> tokenizer = CrystaLLMTokenizer.from_format()
+        >>> len(tokenizer.encode_structure(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])))
+        20
+        """
+        text = serialization.serialize_structure(structure)
+        return self(text + (self.eos_token if add_eos else ""))["input_ids"]
+
+    def decode_structure(self, ids):
+        """Parse generated ids back into a Structure (raises MalformedTextError on bad text)."""
+        return serialization.parse_structure(self.decode(ids, skip_special_tokens=True))
