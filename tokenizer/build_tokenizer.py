@@ -6,18 +6,12 @@ The committed files in tokenizer/crystallm-tokenizer/ are this stage's output; a
 still equal what the current format builds.
 """
 
-import argparse
-from pathlib import Path
-
-import yaml
-
+from crystallm.stages import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
-    config = yaml.safe_load(parser.parse_args().config.read_text())
+    config = read_stage_config(__doc__)
     tokenizer = CrystaLLMTokenizer.from_format()
     tokenizer.model_max_length = config["model_max_length"]
     tokenizer.save_pretrained(config["output_dir"])

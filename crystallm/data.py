@@ -1,0 +1,302 @@
+"""The datasets of ../shared/data through HF `datasets`: sources, benchmark splits, the pretraining corpus.
+
+Every source loads as a `datasets.Dataset` with columns `id`, `source`, `cif` and its property
+columns (units in `PROPERTY_UNITS`). The pretraining corpus (DESIGN.md section 3) is every source
+except the test splits, serialized, deduplicated and passed through the leakage guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import datasets
+from pymatgen.analysis.structure_matcher import StructureMatcher
+
+from crystallm import serialization
+
+PROPERTY_UNITS = {
+    "formation_energy_per_atom": "eV/atom",
+    "band_gap": "eV",
+    "e_above_hull": "eV/atom",
+    "energy_per_atom": "eV/atom",
+    "heat_all": "eV/atom",
+    "heat_ref": "eV/atom",
+    "dir_gap": "eV",
+    "ind_gap": "eV",
+    "bulk_modulus": "GPa",
+    "shear_modulus": "GPa",
+    "debye_temperature": "K",
+    "thermal_conductivity": "W/(m K)",
+    "thermal_expansion": "1/K",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One CSV file of ../shared/data."""
+
+    name: str  # e.g. "mp_20_biternary/test"
+    path: str  # relative to the data directory
+    id_column: str | None  # None: ids are made from the source name and row number
+    properties: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...] = ()  # (column in the file, our name)
+
+
+_MP = ("formation_energy_per_atom", "band_gap", "e_above_hull")
+_PEROV = ("heat_all", "heat_ref", "dir_gap", "ind_gap")
+_AFLOW = ("bulk_modulus", "shear_modulus", "debye_temperature", "thermal_conductivity", "thermal_expansion")
+
+SOURCES: dict[str, Source] = {source.name: source for source in [
+    Source("mp_20_biternary/val", "mp_20_biternary/val.csv.gz", "material_id", _MP),
+    Source("mp_20_biternary/test", "mp_20_biternary/test.csv.gz", "material_id", _MP),
+    Source("mp_20_subset_slices/all", "mp_20_subset_slices/raw_mp20_dataset_mini.csv", "material_id", _MP),
+    *(Source(f"mpts_52/{split}", f"mpts_52/{split}.csv.gz", "material_id",
+             ("e_above_hull", "formation_energy_per_atom"), (("energy_above_hull", "e_above_hull"),))
+      for split in ("val", "test")),
+    *(Source(f"perov_5/{split}", f"perov_5/{split}.csv", "material_id", _PEROV) for split in ("val", "test")),
+    *(Source(f"perov_5_dev/{split}", f"perov_5_dev/{split}.csv", "material_id", _PEROV)
+      for split in ("train", "val", "test")),
+    *(Source(f"carbon_24/{split}", f"carbon_24/{split}.csv", "material_id", ("energy_per_atom",))
+      for split in ("val", "test")),
+    Source("wbm/val", "wbm/val.csv.gz", None, ("formation_energy_per_atom", "band_gap")),
+    *(Source(f"aflow/{prop}/{split}", f"aflow/{prop}/{split}.csv.gz", None, (prop,))
+      for prop in _AFLOW for split in ("train", "val", "test")),
+]}
+
+# DESIGN.md section 3: the benchmark splits are ours (the full MP-20 train split is not available here).
+BENCHMARKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mp20-bt": {"train": ("mp_20_biternary/val",), "test": ("mp_20_biternary/test",)},
+    "perov-5": {"train": ("perov_5_dev/train", "perov_5/val"), "test": ("perov_5/test",)},
+    "carbon-24": {"train": ("carbon_24/val",), "test": ("carbon_24/test",)},
+    "mpts-52": {"train": ("mpts_52/val",), "test": ("mpts_52/test",)},
+}
+
+# Every test split: the benchmarks', perov_5_dev/test (a subset of perov_5/test), and AFLOW's (kept
+# for evaluating property predictors). None of these may reach the pretraining corpus.
+TEST_SOURCES: tuple[str, ...] = (
+    *(name for benchmark in BENCHMARKS.values() for name in benchmark["test"]),
+    "perov_5_dev/test",
+    *(f"aflow/{prop}/test" for prop in _AFLOW),
+)
+CORPUS_SOURCES: tuple[str, ...] = tuple(name for name in SOURCES if name not in TEST_SOURCES)
+
+
+def data_dir() -> Path:
+    """The shared data directory: $CRYSTALLM_DATA, else ../shared/data beside the checkout.
+
+    >>> (data_dir() / "README.md").exists()
+    True
+    """
+    candidates = [os.environ.get("CRYSTALLM_DATA"),
+                  Path(__file__).resolve().parents[2] / "shared" / "data",
+                  Path.cwd().parent / "shared" / "data",
+                  Path.cwd() / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "README.md").exists():
+            return Path(candidate)
+    raise FileNotFoundError("the shared data directory was not found; set CRYSTALLM_DATA to the folder that "
+                            "holds mp_20_biternary/, perov_5/, ... (../shared/data beside the checkout)")
+
+
+def load_source(name: str) -> datasets.Dataset:
+    """One source as a Dataset with columns id, source, cif and its properties.
+
+    >>> ds = load_source("mp_20_biternary/test")
+    >>> ds.num_rows, ds.column_names
+    (7118, ['id', 'source', 'cif', 'formation_energy_per_atom', 'band_gap', 'e_above_hull'])
+    """
+    try:
+        source = SOURCES[name]
+    except KeyError:
+        raise KeyError(f"unknown data source {name!r}; known: {', '.join(SOURCES)}") from None
+    path = data_dir() / source.path
+    dataset = datasets.load_dataset("csv", data_files=str(path), split="train")
+    for old, new in source.renames:
+        dataset = dataset.rename_column(old, new)
+    if source.id_column is None:
+        ids = [f"{name}#{row}" for row in range(dataset.num_rows)]
+    else:
+        prefix = "perov-" if name.startswith("perov") else ""
+        ids = [f"{prefix}{value}" for value in dataset[source.id_column]]
+    keep = ["cif", *source.properties]
+    dataset = dataset.select_columns(keep)
+    dataset = dataset.add_column("source", [name] * dataset.num_rows).add_column("id", ids)
+    return dataset.select_columns(["id", "source", *keep])
+
+
+def load_split(benchmark: str, split: str) -> datasets.Dataset:
+    """A benchmark split of DESIGN.md section 3, e.g. load_split("mp20-bt", "test").
+
+    >>> load_split("mp20-bt", "train").num_rows
+    7140
+    """
+    try:
+        names = BENCHMARKS[benchmark][split]
+    except KeyError:
+        raise KeyError(f"unknown split {benchmark}/{split}; benchmarks: {', '.join(BENCHMARKS)}, "
+                       "splits: train, test") from None
+    parts = [load_source(name) for name in names]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(
+        [part.select_columns(["id", "source", "cif"]) for part in parts])
+
+
+def format_fingerprint(*extra: str) -> str:
+    """A hash of the code that writes and tokenizes texts, for `datasets` cache keys: datasets hashes a
+    mapped function by reference, so without this an edit of the format could serve stale cached texts."""
+    from crystallm import format_check, symmetry, tokenization
+
+    digest = hashlib.sha256()
+    for module in (serialization, symmetry, tokenization, format_check):
+        digest.update(Path(module.__file__).read_bytes())
+    for part in extra:
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _serialize_rows(batch: dict) -> dict:
+    results = [serialization.serialize_one(cif, f"{source} {id_}")
+               for cif, source, id_ in zip(batch["cif"], batch["source"], batch["id"])]
+    return {"text": [r.text or "" for r in results], "error": [r.error or "" for r in results]}
+
+
+def serialize_dataset(dataset: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+    """Add `text` (crystallm text, "" on failure) and `error` columns; datasets caches the result."""
+    return dataset.map(_serialize_rows, batched=True, batch_size=64, num_proc=num_proc, desc="serializing",
+                       new_fingerprint=format_fingerprint("serialize", dataset._fingerprint))
+
+
+@dataclass(frozen=True)
+class LeakageKey:
+    """What two texts of one crystal share: DESIGN's (reduced formula, space group), plus Z and the
+    multiset of site multiplicities per element, which cannot differ within one space group."""
+
+    formula: str
+    space_group: int
+    formula_units: int
+    multiplicities: tuple[tuple[str, int], ...]
+
+
+def leakage_key(text: str) -> LeakageKey:
+    """The matching key of a text; structures with different keys never match in the guard."""
+    crystal = serialization.read_crystal_text(text)
+    return LeakageKey(serialization.format_formula(crystal.formula), crystal.space_group, crystal.formula_units,
+                      tuple(sorted((site.element, site.wyckoff.multiplicity) for site in crystal.sites)))
+
+
+@dataclass(frozen=True)
+class Leak:
+    """A corpus candidate removed by the guard and why."""
+
+    id: str
+    source: str
+    reason: str
+
+
+def find_leaks(candidates: Iterable[tuple[str, str, str]], tests: Iterable[tuple[str, str, str]],
+               matcher: StructureMatcher | None = None) -> list[Leak]:
+    """Candidates (id, source, text) that are in a test set (id, source, text).
+
+    A candidate leaks if its material id is a test id, or if it has a test structure's reduced
+    formula and space group and pymatgen's StructureMatcher (default tolerances) matches the two.
+    """
+    matcher = matcher or StructureMatcher()
+    test_ids = {}
+    by_key: dict[LeakageKey, list[tuple[str, str]]] = defaultdict(list)
+    for test_id, test_source, text in tests:
+        test_ids[test_id] = test_source
+        by_key[leakage_key(text)].append((f"{test_source} {test_id}", text))
+    parsed: dict[str, object] = {}
+
+    def structure(text: str):
+        if text not in parsed:
+            parsed[text] = serialization.parse_structure(text)
+        return parsed[text]
+
+    leaks = []
+    for candidate_id, source, text in candidates:
+        if candidate_id in test_ids:
+            leaks.append(Leak(candidate_id, source, f"material id is in {test_ids[candidate_id]}"))
+            continue
+        for test_name, test_text in by_key.get(leakage_key(text), ()):
+            if test_text == text or matcher.fit(structure(text), structure(test_text)):
+                leaks.append(Leak(candidate_id, source, f"StructureMatcher match with {test_name}"))
+                break
+    return leaks
+
+
+def deduplicate(rows: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Keep the first row of each material id and of each text (the format is canonical, so one crystal
+    seen in two sources has one text)."""
+    seen_ids, seen_texts, kept = set(), set(), []
+    for row in rows:
+        row_id, _, text = row
+        if row_id in seen_ids or text in seen_texts:
+            continue
+        seen_ids.add(row_id)
+        seen_texts.add(text)
+        kept.append(row)
+    return kept
+
+
+def tokenize_texts(dataset: datasets.Dataset, tokenizer, max_length: int | None = None,
+                   num_proc: int | None = None) -> datasets.Dataset:
+    """Token ids of each row's `text` with <bos> ... <eos>; cached by datasets like any map."""
+    eos = tokenizer.eos_token
+
+    def encode(batch):
+        return tokenizer([text + eos for text in batch["text"]], truncation=max_length is not None,
+                         max_length=max_length, return_attention_mask=False)
+
+    return dataset.map(encode, batched=True, num_proc=num_proc, desc="tokenizing",
+                       new_fingerprint=format_fingerprint("tokenize", dataset._fingerprint, str(max_length)))
+
+
+@dataclass
+class CorpusBuild:
+    """The pretraining corpus and what building it removed."""
+
+    corpus: list[tuple[str, str, str]]  # (id, source, text)
+    tests: list[tuple[str, str, str]]  # every test split, serialized
+    leaks: list[Leak]
+    duplicates: int
+    failures: list[dict]  # rows that could not be serialized: id, source, error
+
+
+def _serialized_rows(name: str, num_proc: int | None, failures: list[dict]) -> list[tuple[str, str, str]]:
+    dataset = serialize_dataset(load_source(name).select_columns(["id", "source", "cif"]), num_proc)
+    rows = []
+    for row_id, text, error in zip(dataset["id"], dataset["text"], dataset["error"]):
+        if error:
+            failures.append({"id": row_id, "source": name, "error": error})
+        else:
+            rows.append((row_id, name, text))
+    return rows
+
+
+def build_pretraining_corpus(num_proc: int | None = None) -> CorpusBuild:
+    """DESIGN.md section 3: every source but the test splits, serialized, deduplicated, leakage-guarded.
+
+    Takes about 10 minutes on 2 cores; `train/prepare_corpus.py` writes the result to files.
+    """
+    failures: list[dict] = []
+    tests = [row for name in TEST_SOURCES for row in _serialized_rows(name, num_proc, failures)]
+    candidates = [row for name in CORPUS_SOURCES for row in _serialized_rows(name, num_proc, failures)]
+    unique = deduplicate(candidates)
+    leaks = find_leaks(unique, tests)
+    leaked = {(leak.id, leak.source) for leak in leaks}
+    corpus = [row for row in unique if (row[0], row[1]) not in leaked]
+    return CorpusBuild(corpus, tests, leaks, len(candidates) - len(unique), failures)
+
+
+def load_texts(path: str | Path) -> datasets.Dataset:
+    """A CSV of texts written by `train/prepare_corpus.py` (columns id, source, text).
+
+    >>> load_texts("data/pretraining-corpus.csv.gz").column_names
+    ['id', 'source', 'text']
+    """
+    return datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
