@@ -1,0 +1,188 @@
+"""The `crystallm` command line. Each subcommand is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from crystallm import serialization, symmetry
+from crystallm.errors import CrystaLLMInputError
+
+CIF_SUFFIXES = (".cif", ".mcif")
+
+
+def _input_files(paths: list[Path]) -> list[Path]:
+    """The CIF files named, folders expanded to the CIFs inside them (sorted)."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in CIF_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CrystaLLMInputError(f"{path}: cannot be read ({error})") from error
+
+
+def _report(name: str, error: str) -> None:
+    print(f"error: {name}: {error}", file=sys.stderr)
+
+
+def cmd_serialize(args: argparse.Namespace) -> int:
+    """CIF files -> crystallm text, one block each, blank line between; bad files reported, the rest written."""
+    failed = 0
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for path in _input_files(args.inputs):
+            try:
+                result = serialization.serialize_one(_read(path), str(path), args.symprec)
+            except CrystaLLMInputError as error:
+                result = serialization.SerializationResult(str(path), error=f"{type(error).__name__}: {error}")
+            if result.error:
+                failed += 1
+                _report(str(path), result.error)
+                continue
+            out.write(f"{result.text}\n\n")
+            out.flush()
+    finally:
+        if args.out:
+            out.close()
+    return 1 if failed else 0
+
+
+def _text_or_cif(path: Path) -> str:
+    """crystallm text as it is; a CIF is serialized first."""
+    content = _read(path)
+    if content.lstrip().startswith(serialization.DATA_PREFIX) and serialization.LOOP_HEADER in content:
+        return content.strip("\n")
+    return serialization.serialize_structure(serialization.structure_from_cif(content, str(path)))
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Show the tokens of crystallm texts (or of CIFs, serialized first)."""
+    from crystallm.tokenization import CrystaLLMTokenizer
+
+    tokenizer = CrystaLLMTokenizer.from_format()
+    failed = 0
+    for path in args.inputs:
+        try:
+            text = _text_or_cif(path)
+        except CrystaLLMInputError as error:
+            failed += 1
+            _report(str(path), f"{type(error).__name__}: {error}")
+            continue
+        ids = tokenizer(text)["input_ids"]
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        print(f"# {path}: {len(ids)} tokens (with <bos>)")
+        print(" ".join(repr(token) for token in tokens))
+    return 1 if failed else 0
+
+
+def cmd_to_cif(args: argparse.Namespace) -> int:
+    """crystallm text -> a standard CIF that VESTA, ASE and pymatgen read."""
+    try:
+        structure = serialization.parse_structure(_read(args.input))
+    except CrystaLLMInputError as error:
+        _report(str(args.input), f"{type(error).__name__}: {error}")
+        return 1
+    cif = serialization.structure_to_cif(structure)
+    if args.out:
+        Path(args.out).write_text(cif)
+    else:
+        print(cif)
+    return 0
+
+
+def cmd_symmetry(args: argparse.Namespace) -> int:
+    """Space group of each CIF at several tolerances."""
+    failed = 0
+    tolerances = tuple(args.symprec)
+    print("file\t" + "\t".join(f"symprec={t}" for t in tolerances))
+    for path in _input_files(args.inputs):
+        try:
+            structure = serialization.structure_from_cif(_read(path), str(path))
+        except CrystaLLMInputError as error:
+            failed += 1
+            _report(str(path), f"{type(error).__name__}: {error}")
+            continue
+        found = symmetry.detect_space_groups(structure, tolerances)
+        cells = [f"{symmetry.space_group_symbol(n)} ({n})" if n else "none" for n in found.values()]
+        print(f"{path}\t" + "\t".join(cells))
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a collection of structures and print/write the set-level metrics."""
+    from crystallm import evaluation, reports
+
+    summary = evaluation.evaluate(
+        args.input, reference=args.reference, test=args.test, csp=args.csp, csp_ids=args.csp_ids,
+        attempts=tuple(args.attempts), coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
+        limit=args.limit, plots=args.plots, progress=not args.quiet)
+    table = reports.markdown_table(summary)
+    print(table)
+    if args.json:
+        reports.write_json(summary, args.json)
+    if args.markdown:
+        reports.write_markdown(summary, args.markdown)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crystallm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serialize = commands.add_parser("serialize", help="CIF files or folders -> crystallm text")
+    serialize.add_argument("inputs", nargs="+", type=Path)
+    serialize.add_argument("--out", help="write the texts to this file instead of standard output")
+    serialize.add_argument("--symprec", type=float, default=symmetry.DEFAULT_SYMPREC)
+    serialize.set_defaults(run=cmd_serialize)
+
+    tokenize = commands.add_parser("tokenize", help="show the tokens of crystallm texts or CIFs")
+    tokenize.add_argument("inputs", nargs="+", type=Path)
+    tokenize.set_defaults(run=cmd_tokenize)
+
+    to_cif = commands.add_parser("to-cif", help="crystallm text -> standard CIF")
+    to_cif.add_argument("input", type=Path)
+    to_cif.add_argument("--out")
+    to_cif.set_defaults(run=cmd_to_cif)
+
+    sym = commands.add_parser("symmetry", help="space group of CIFs at several tolerances (spglib)")
+    sym.add_argument("inputs", nargs="+", type=Path)
+    sym.add_argument("--symprec", type=float, nargs="+", default=[0.1, 0.01, 0.001])
+    sym.set_defaults(run=cmd_symmetry)
+
+    evaluate = commands.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, coverage, CSP")
+    evaluate.add_argument("input", help="cifs.zip, a folder of CIFs, an extxyz, a CSV with a cif or text column, "
+                                        "a `crystallm generate` output folder, or a split such as mp20-bt/test")
+    evaluate.add_argument("--reference", help="training set for novelty (split such as mp20-bt/train, or a file)")
+    evaluate.add_argument("--test", help="test set for Wasserstein distances and coverage (e.g. mp20-bt/test)")
+    evaluate.add_argument("--csp", help="CSP targets (e.g. mp20-bt/test); input entries are named <id>[__<k>]")
+    evaluate.add_argument("--csp-ids", help="file of target ids, one a line (../shared/benchmarks/*.txt)")
+    evaluate.add_argument("--attempts", type=int, nargs="+", default=[1, 20], help="n for CSP match rates")
+    evaluate.add_argument("--coverage", action="store_true", help="COV-R/COV-P (CrystalNN fingerprints: slower)")
+    evaluate.add_argument("--bonds", action="store_true", help="bond-length reasonableness (CrystalNN: slower)")
+    evaluate.add_argument("--json")
+    evaluate.add_argument("--markdown")
+    evaluate.add_argument("--plots", help="folder for PNG plots")
+    evaluate.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N entries")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `crystallm` console command."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
