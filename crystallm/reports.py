@@ -1,0 +1,104 @@
+"""Writers for evaluation results: JSON, a Markdown report, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_json(summary: dict, path: str | Path) -> None:
+    """The summary as indented JSON with stable (sorted) keys."""
+    Path(path).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+
+
+def markdown_table(summary: dict) -> str:
+    """The headline numbers of a summary as a Markdown table (also printed by `crystallm evaluate`)."""
+    rows = [("entries", summary["entries"]), ("unreadable", summary["unreadable"])]
+    rows += [(f"validity: {key}", value) for key, value in summary["validity"].items()]
+    for precision, stats in summary["symmetry"].items():
+        rows.append((f"P1 fraction ({precision})", stats["p1_fraction"]))
+        rows.append((f"distinct space groups ({precision})", stats["distinct"]))
+        if stats.get("stated_agreement") is not None:
+            rows.append((f"stated = detected ({precision})", stats["stated_agreement"]))
+    for key, value in summary["self_consistency"].items():
+        if value is not None:
+            rows.append((f"self-consistency: {key}", value))
+    for key in ("uniqueness", "novelty"):
+        if summary.get(key) is not None:
+            rows.append((key, summary[key]))
+    for group in ("wasserstein", "coverage", "csp"):
+        for key, value in (summary.get(group) or {}).items():
+            if isinstance(value, dict):
+                for inner, number in value.items():
+                    rows.append((f"{group} {key}: {inner}", number))
+            else:
+                rows.append((f"{group}: {key}", value))
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+              for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(summary: dict, path: str | Path) -> None:
+    """A Markdown report: what was evaluated against what, then the table."""
+    lines = [f"# crystallm evaluate {summary.get('input', '')}", ""]
+    for key in ("reference", "test", "csp_targets", "seconds", "structures_per_second"):
+        if summary.get(key) is not None:
+            lines.append(f"- {key}: {summary[key]}")
+    Path(path).write_text("\n".join(lines + ["", markdown_table(summary), ""]))
+
+
+def write_plots(records: list[dict], reference: list[dict] | None, directory: str | Path) -> list[Path]:
+    """Space-group histogram, density and element-count distributions vs reference, validity breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    scored = [r for r in records if not r["error"]]
+    written = []
+
+    def save(figure, name):
+        path = directory / name
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+
+    figure, axis = plt.subplots(figsize=(9, 3.2))
+    groups = [r["space_group_0_1"] or 1 for r in scored]
+    axis.hist(groups, bins=np.arange(0.5, 231.5, 1.0), color="tab:blue", label="evaluated")
+    if reference:
+        axis.hist([r["space_group_0_1"] or 1 for r in reference], bins=np.arange(0.5, 231.5, 1.0),
+                  histtype="step", color="black", density=False,
+                  weights=np.full(len(reference), len(scored) / max(1, len(reference))), label="reference (scaled)")
+    axis.set(xlabel="space group number (spglib, symprec 0.1)", ylabel="structures", xlim=(0, 231))
+    axis.legend()
+    save(figure, "space_groups.png")
+
+    for key, label, name in (("density", "density (g/cm$^3$)", "density.png"),
+                             ("n_elements", "number of elements", "num_elements.png")):
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        values = [r[key] for r in scored if np.isfinite(r[key])]
+        bins = np.arange(0.5, 9.5, 1.0) if key == "n_elements" else 40
+        axis.hist(values, bins=bins, density=True, alpha=0.6, label="evaluated")
+        if reference:
+            axis.hist([r[key] for r in reference], bins=bins, density=True, histtype="step", color="black",
+                      label="reference")
+        axis.set(xlabel=label, ylabel="share")
+        axis.legend()
+        save(figure, name)
+
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    counts = {"unreadable": len(records) - len(scored),
+              "structurally invalid": sum(not r["structural_valid"] for r in scored),
+              "compositionally invalid": sum(r["structural_valid"] and not r["compositional_valid"] for r in scored),
+              "valid": sum(r["valid"] for r in scored)}
+    axis.barh(list(counts), list(counts.values()), color=["grey", "tab:red", "tab:orange", "tab:green"])
+    axis.set(xlabel="entries")
+    save(figure, "validity.png")
+    return written
