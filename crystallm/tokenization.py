@@ -71,7 +71,7 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
         >>> from pymatgen.core import Lattice, Structure
         >>> tokenizer = CrystaLLMTokenizer.from_format()
         >>> len(tokenizer.encode_structure(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])))
-        20
+        22
         """
         text = serialization.serialize_structure(structure)
         return self(text + (self.eos_token if add_eos else ""))["input_ids"]
