@@ -179,14 +179,14 @@ def _rate(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _reason(error: str) -> str:
-    """The kind of an error, for counting: its exception name and first words."""
-    return " ".join(error.split()[:4]).rstrip(":")
+def _reason(record: dict) -> str:
+    """The kind of an error, for counting: its exception name and first words, the entry's name left out.
 
-
-def load_structures(source: str | Path, num_proc: int | None = None) -> list[dict]:
-    """Score a reference or test collection (needed fields only) for set-level comparisons."""
-    return [r for r in score_entries(iter_entries(source), num_proc=num_proc) if not r["error"]]
+    >>> _reason({"name": "a.cif", "error": "MalformedCIFError: a.cif: not a readable CIF (Invalid CIF file)"})
+    'MalformedCIFError: not a readable CIF'
+    """
+    words = record["error"].replace(f"{record['name']}: ", "").split()
+    return " ".join(words[:5]).rstrip(":")
 
 
 def summarize(records: list[dict], reference: list[dict] | None = None, test: list[dict] | None = None,
@@ -201,7 +201,7 @@ def summarize(records: list[dict], reference: list[dict] | None = None, test: li
     reasons: dict[str, int] = {}
     for r in records:
         if r["error"]:
-            reasons[_reason(r["error"])] = reasons.get(_reason(r["error"]), 0) + 1
+            reasons[_reason(r)] = reasons.get(_reason(r), 0) + 1
     n = len(records)
     summary = {
         "entries": n,
@@ -304,16 +304,22 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
         entries = itertools.islice(entries, limit)
     records = list(tqdm(score_entries(entries, fingerprints=coverage, bond_lengths=bond_lengths, num_proc=num_proc),
                         desc="scoring", unit=" structures", disable=not progress))
-    reference_records = load_structures(reference, num_proc) if reference else None
-    test_records = None
-    if test:
-        test_records = [r for r in score_entries(iter_entries(test), fingerprints=coverage, num_proc=num_proc)
-                        if not r["error"]]
+    # A collection named twice (the test split as input, --test and --csp) is scored once.
+    scored = {str(source): [r for r in records if not r["error"]]} if not limit else {}
+
+    def collection(name: str, fingerprints: bool = False) -> list[dict]:
+        if str(name) not in scored:
+            scored[str(name)] = [r for r in score_entries(iter_entries(name), fingerprints=fingerprints,
+                                                          num_proc=num_proc) if not r["error"]]
+        return scored[str(name)]
+
+    reference_records = collection(reference) if reference else None
+    test_records = collection(test, coverage) if test else None
     benchmark = str(test or "").partition("/")[0]
     summary = summarize(records, reference_records, test_records,
                         COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS))
     if csp:
-        targets = load_structures(csp, num_proc)
+        targets = collection(csp)
         if csp_ids:
             wanted = [line.strip() for line in Path(csp_ids).read_text().splitlines() if line.strip()]
             by_name = {t["name"]: t for t in targets}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from pymatgen.core import Structure
 from scipy.spatial.distance import cdist
@@ -36,8 +38,10 @@ def fingerprints(structure: Structure) -> tuple[np.ndarray, np.ndarray] | None:
         _SITE_FINGERPRINT = CrystalNNFingerprint.from_preset("ops")
         _COMPOSITION_FINGERPRINT = ElementProperty.from_preset("magpie", impute_nan=True)
     try:
-        sites = np.array([_SITE_FINGERPRINT.featurize(structure, i) for i in range(len(structure))])
-        composition = np.array(_COMPOSITION_FINGERPRINT.featurize(structure.composition), dtype=float)
+        with warnings.catch_warnings():  # CrystalNN warns about radii on every site
+            warnings.simplefilter("ignore")
+            sites = np.array([_SITE_FINGERPRINT.featurize(structure, i) for i in range(len(structure))])
+            composition = np.array(_COMPOSITION_FINGERPRINT.featurize(structure.composition), dtype=float)
     except (ValueError, RuntimeError, IndexError):
         return None
     if not np.isfinite(sites).all() or not np.isfinite(composition).all():
