@@ -52,6 +52,20 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
     padding_side = "left"
 
     def __init__(self, *args, **kwargs):
+        # The backend is the format's (transformers 5 rebuilds a subclass with its own __init__ from the saved
+        # vocabulary, so it is built here, and a saved vocabulary must be exactly the format's).
+        saved_version = kwargs.pop("format_version", serialization.FORMAT_VERSION)
+        saved_vocab = kwargs.pop("vocab", None)
+        kwargs.pop("merges", None)
+        if "tokenizer_object" not in kwargs:
+            backend = build_backend_tokenizer()
+            if str(saved_version) != serialization.FORMAT_VERSION:
+                raise ValueError(f"these tokenizer files were written for text format version {saved_version}; "
+                                 f"this crystallm reads format {serialization.FORMAT_VERSION}")
+            if isinstance(saved_vocab, dict) and saved_vocab != backend.get_vocab(with_added_tokens=False):
+                raise ValueError("these tokenizer files hold another vocabulary than the text format's; "
+                                 "rebuild them with tokenizer/build_tokenizer.py")
+            kwargs["tokenizer_object"] = backend
         for key, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD),
                            ("unk_token", UNK), ("mask_token", MASK)):
             kwargs.setdefault(key, token)
@@ -63,7 +77,7 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
     @classmethod
     def from_format(cls) -> "CrystaLLMTokenizer":
         """Build the tokenizer in memory from the format definition (no files needed)."""
-        return cls(tokenizer_object=build_backend_tokenizer())
+        return cls()
 
     def encode_structure(self, structure, add_eos: bool = False) -> list[int]:
         """Token ids of a pymatgen Structure's canonical text.

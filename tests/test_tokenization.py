@@ -36,11 +36,27 @@ def test_space_group_symbols_are_not_element_tokens(tokenizer):
     assert group not in elements
 
 
-def test_auto_tokenizer_loads_committed_files_equal_to_the_format(tokenizer):
+def test_auto_tokenizer_loads_committed_files_equal_to_the_format(tokenizer, real_slice):
     loaded = AutoTokenizer.from_pretrained(COMMITTED)
     assert type(loaded) is CrystaLLMTokenizer
     assert loaded.get_vocab() == tokenizer.get_vocab(), "re-run tokenizer/build_tokenizer.py"
     assert loaded.padding_side == "left"
+    for _, _, cif in real_slice[:20]:
+        text = serialization.serialize_structure(serialization.structure_from_cif(cif))
+        ids = loaded(text)["input_ids"]
+        assert ids == tokenizer(text)["input_ids"]
+        assert loaded.decode(ids, skip_special_tokens=True) == text
+
+
+def test_tokenizer_files_of_another_format_are_refused(tmp_path):
+    import json
+
+    CrystaLLMTokenizer.from_format().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["format_version"] = "0"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="written for text format version 0"):
+        AutoTokenizer.from_pretrained(tmp_path)
 
 
 def test_special_and_reserved_tokens(tokenizer):
