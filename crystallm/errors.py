@@ -19,3 +19,7 @@ class MalformedTextError(CrystaLLMInputError):
 
 class WyckoffLocationError(InvalidStructureError):
     """An atom of a standardized cell lies on no Wyckoff position of the needed multiplicity."""
+
+
+class CheckpointError(CrystaLLMInputError):
+    """A model checkpoint is missing, corrupt, or does not fit the model."""
