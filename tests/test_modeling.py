@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import crystallm  # noqa: F401  (registers the Auto classes)
 from crystallm import serialization
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError
