@@ -129,6 +129,21 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(lexemes)
 
 
+def shuffle_sites(text: str, rng) -> str:
+    r"""The same crystal with its atom-site rows in another order: an equivalent, non-canonical serialization
+    (the contrastive objective's second view). `rng` is a numpy Generator.
+
+    >>> import numpy as np
+    >>> text = "data_NaCl\n_space_group_name_H-M_alt Fm-3m\n_cell_formula_units_Z 4\n_cell_length_a 5.69\n" + (
+    ...     LOOP_HEADER + "\nNa 4a . . .\nCl 4b . . .")
+    >>> shuffle_sites(text, np.random.default_rng(3)).split("\n")[-2:]
+    ['Cl 4b . . .', 'Na 4a . . .']
+    """
+    head, _, rows = text.partition(LOOP_HEADER + "\n")
+    lines = rows.split("\n")
+    return head + LOOP_HEADER + "\n" + "\n".join(lines[i] for i in rng.permutation(len(lines)))
+
+
 def split_lexemes(text: str) -> list[str]:
     """Split a text into lexemes (what the tokenizer does before mapping them to ids).
 

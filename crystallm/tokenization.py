@@ -35,6 +35,11 @@ def build_backend_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def row_element_token_ids(tokenizer) -> list[int]:
+    """Ids of the element tokens that start atom-site rows ("\\nGa"): what masked-atom prediction masks."""
+    return tokenizer.convert_tokens_to_ids(["\n" + symbol for symbol in serialization.element_symbols()])
+
+
 class CrystaLLMTokenizer(PreTrainedTokenizerFast):
     """Tokenizer for crystallm text; `AutoTokenizer.from_pretrained(dir)` returns it once crystallm is imported.
 

@@ -1,0 +1,196 @@
+"""Pretraining: the batch collator for the three objectives and a nanoGPT-style loop on accelerate.
+
+The loop runs unchanged on CPU, one GPU or several (`accelerate launch`): bf16 autocast where available,
+gradient accumulation, cosine schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly
+(the batch order of each epoch and every random draw of the collator depend only on the seed, the epoch and the
+batch's content, so a resumed run sees the same batches and masks as an uninterrupted one). The log is JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crystallm import serialization
+from crystallm.tokenization import row_element_token_ids
+
+
+@dataclass
+class PretrainingCollator:
+    """Texts -> the tensors of `CrystaLLMForCausalLM.pretraining_losses`.
+
+    Masked-atom inputs replace each atom-site element token with `<mask>` with `mask_probability` (at least one
+    per sequence); the contrastive view is the same crystal with its site rows shuffled.
+    """
+
+    tokenizer: object
+    max_length: int = 512
+    mask_probability: float = 0.3
+    masked_atom: bool = True
+    contrastive: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        self.element_ids = torch.tensor(sorted(set(row_element_token_ids(self.tokenizer))))
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        # Right padding in training: positions start at 0, as in generation (which pads left with position ids).
+        return self.tokenizer([text + self.tokenizer.eos_token for text in texts], padding=True, truncation=True,
+                              max_length=self.max_length, return_tensors="pt", padding_side="right")
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, zlib.crc32("\x00".join(texts).encode())])
+        batch = self._encode(texts)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        result = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.masked_atom:
+            is_element = torch.isin(input_ids, self.element_ids)
+            draw = torch.from_numpy(rng.random(input_ids.shape)) < self.mask_probability
+            for row in range(input_ids.shape[0]):  # at least one masked element per sequence
+                positions = is_element[row].nonzero().flatten()
+                if len(positions) and not (draw[row] & is_element[row]).any():
+                    draw[row, positions[rng.integers(len(positions))]] = True
+            selected = is_element & draw
+            result["masked_input_ids"] = input_ids.masked_fill(selected, self.tokenizer.mask_token_id)
+            result["masked_labels"] = input_ids.masked_fill(~selected, -100)
+        if self.contrastive:
+            view = self._encode([serialization.shuffle_sites(text, rng) for text in texts])
+            result["view_input_ids"], result["view_attention_mask"] = view["input_ids"], view["attention_mask"]
+        return result
+
+
+def epoch_batches(size: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This process's batches of row indices for an epoch: a permutation seeded by (seed, epoch), dealt to the
+    processes in turn; the last incomplete batch is dropped.
+
+    >>> [b.tolist() for b in epoch_batches(6, 2, epoch=0, seed=0)]
+    [[3, 2], [5, 4], [0, 1]]
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    batches = [order[i:i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
+    return batches[rank::world]
+
+
+def pretrain(config: dict) -> Path:
+    """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
+    `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit).
+
+    Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
+    line per step: losses, learning rate, tokens/s; held-out losses every `eval_every` steps) and `train_state.json`.
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from crystallm import data
+    from crystallm.configuration import CrystaLLMConfig
+    from crystallm.modeling import CrystaLLMForCausalLM
+    from crystallm.tokenization import CrystaLLMTokenizer
+
+    out = Path(config["output_dir"])
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "bf16"),
+                              gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)))
+    tokenizer = CrystaLLMTokenizer.from_format()
+    texts = data.load_texts(config["corpus"])["text"]
+    if config.get("max_rows"):
+        texts = texts[: int(config["max_rows"])]
+    holdout = np.random.default_rng(seed).permutation(len(texts))[: int(config.get("eval_rows", 512))]
+    held = set(holdout.tolist())
+    eval_texts = [texts[i] for i in holdout]
+    train_texts = [text for i, text in enumerate(texts) if i not in held]
+
+    model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **config["model"])
+    model_config._attn_implementation = "sdpa"
+    model = CrystaLLMForCausalLM(model_config)
+    collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
+                                   mask_probability=model_config.mask_probability,
+                                   masked_atom=bool(model_config.masked_atom_weight),
+                                   contrastive=bool(model_config.contrastive_weight), seed=seed)
+    batch_size = int(config["batch_size"])
+    steps_per_epoch = len(epoch_batches(len(train_texts), batch_size, 0, seed, accelerator.process_index,
+                                        accelerator.num_processes)) // accelerator.gradient_accumulation_steps
+    max_steps = int(config["max_steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["learning_rate"]),
+                                  weight_decay=float(config.get("weight_decay", 0.1)), betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.get("warmup_steps", 0)), max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state_path, checkpoint = out / "train_state.json", out / "checkpoint"
+    step = 0
+    if checkpoint.exists() and state_path.exists():
+        accelerator.load_state(str(checkpoint))
+        step = json.loads(state_path.read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if step == 0 and log_path.exists():
+        log_path.unlink()
+    started, tokens, stop_here = time.perf_counter(), 0, False
+    model.train()
+    while step < max_steps and not stop_here:
+        epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
+        batches = epoch_batches(len(train_texts), batch_size, epoch, seed, accelerator.process_index,
+                                accelerator.num_processes)
+        micro = accelerator.gradient_accumulation_steps
+        for index in range(in_epoch * micro, min(len(batches), steps_per_epoch * micro)):
+            batch = {k: v.to(accelerator.device) for k, v in collator([train_texts[i] for i in batches[index]]).items()}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    losses = accelerator.unwrap_model(model).pretraining_losses(**batch)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                   **{f"train_{k}": float(v.detach()) for k, v in losses.items()},
+                   "tokens_per_s": tokens / (time.perf_counter() - started)}
+            if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
+                row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
+            if accelerator.is_main_process:
+                with open(log_path, "a") as log:
+                    log.write(json.dumps(row) + "\n")
+            stop_here = step == int(config.get("stop_at_step") or -1)  # end this invocation early, resumable
+            if step % int(config.get("save_every", 200)) == 0 or step == max_steps or stop_here:
+                accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:
+                    state_path.write_text(json.dumps({"step": step, "tokens_seen_this_run": tokens}))
+            if step >= max_steps or stop_here:
+                break
+        if stop_here:
+            accelerator.print(f"stopped at step {step} (stop_at_step); run again to resume")
+            return out
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def evaluate_losses(accelerator, model, collator: PretrainingCollator, texts: list[str],
+                    batch_size: int) -> dict[str, float]:
+    """Mean held-out losses of each objective."""
+    model.eval()
+    totals: dict[str, list[float]] = {}
+    for start in range(0, len(texts) - batch_size + 1, batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collator(texts[start:start + batch_size]).items()}
+        with accelerator.autocast():
+            losses = accelerator.unwrap_model(model).pretraining_losses(**batch)
+        for name, value in losses.items():
+            totals.setdefault(f"eval_{name}", []).append(float(value))
+    model.train()
+    return {name: float(np.mean(values)) if values else math.nan for name, values in totals.items()}
