@@ -66,15 +66,22 @@ class PretrainingCollator:
         return result
 
 
-def epoch_batches(size: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
-    """This process's batches of row indices for an epoch: a permutation seeded by (seed, epoch), dealt to the
-    processes in turn; the last incomplete batch is dropped.
+def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  group: int = 50) -> list[np.ndarray]:
+    """This process's batches of row indices for an epoch. Rows are shuffled (seeded by seed and epoch), sorted by
+    length within runs of `group` batches so that a batch holds rows of similar length (little padding), cut into
+    batches (the last incomplete one dropped), and the batches shuffled and dealt to the processes in turn.
 
-    >>> [b.tolist() for b in epoch_batches(6, 2, epoch=0, seed=0)]
-    [[3, 2], [5, 4], [0, 1]]
+    >>> [b.tolist() for b in epoch_batches(np.array([5, 1, 5, 1, 5, 1]), 2, epoch=0, seed=0)]
+    [[3, 5], [1, 2], [4, 0]]
     """
-    order = np.random.default_rng([seed, epoch]).permutation(size)
-    batches = [order[i:i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    span = batch_size * group
+    order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                            for chunk in np.split(order, range(span, len(order), span))]) if len(order) else order
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches[rank::world]
 
 
@@ -115,7 +122,8 @@ def pretrain(config: dict) -> Path:
                                    masked_atom=bool(model_config.masked_atom_weight),
                                    contrastive=bool(model_config.contrastive_weight), seed=seed)
     batch_size = int(config["batch_size"])
-    steps_per_epoch = len(epoch_batches(len(train_texts), batch_size, 0, seed, accelerator.process_index,
+    lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
+    steps_per_epoch = len(epoch_batches(lengths, batch_size, 0, seed, accelerator.process_index,
                                         accelerator.num_processes)) // accelerator.gradient_accumulation_steps
     max_steps = int(config["max_steps"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["learning_rate"]),
@@ -137,7 +145,7 @@ def pretrain(config: dict) -> Path:
     model.train()
     while step < max_steps and not stop_here:
         epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
-        batches = epoch_batches(len(train_texts), batch_size, epoch, seed, accelerator.process_index,
+        batches = epoch_batches(lengths, batch_size, epoch, seed, accelerator.process_index,
                                 accelerator.num_processes)
         micro = accelerator.gradient_accumulation_steps
         for index in range(in_epoch * micro, min(len(batches), steps_per_epoch * micro)):

@@ -52,6 +52,11 @@ def test_collator_masks_elements_and_builds_a_view():
     assert all(torch.equal(batch[key], again[key]) for key in batch)
 
 
-def test_epoch_batches_are_disjoint_across_processes():
-    first, second = epoch_batches(100, 8, 1, 0, rank=0, world=2), epoch_batches(100, 8, 1, 0, rank=1, world=2)
+def test_epoch_batches_group_lengths_and_are_disjoint_across_processes():
+    lengths = np.random.default_rng(0).integers(10, 400, size=1000)
+    first, second = (epoch_batches(lengths, 8, 1, 0, rank=r, world=2, group=10) for r in (0, 1))
     assert not set(np.concatenate(first)) & set(np.concatenate(second))
+    spread = np.mean([np.ptp(lengths[b]) for b in first + second])
+    random_spread = np.mean([np.ptp(lengths[b]) for b in np.split(np.arange(1000), 125)])
+    assert spread < 0.25 * random_spread  # little padding
+    assert epoch_batches(lengths, 8, 1, 0)[0].tolist() != epoch_batches(lengths, 8, 2, 0)[0].tolist()

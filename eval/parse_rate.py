@@ -1,0 +1,53 @@
+"""Stage: the share of sampled texts that parse, with and without the grammar processor.
+
+    python eval/parse_rate.py configs/eval-parse-rate-untrained.yaml
+
+`model` is a saved model directory, or absent for an untrained model built from `untrained_model` (the worst
+case for the grammar). Writes `<output_dir>/summary.json` and the first failures.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from crystallm import serialization
+from crystallm.configuration import CrystaLLMConfig
+from crystallm.errors import MalformedTextError
+from crystallm.generation import sample_texts
+from crystallm.modeling import CrystaLLMForCausalLM, load_model
+from crystallm.stages import read_stage_config
+from crystallm.tokenization import CrystaLLMTokenizer
+
+
+def main() -> None:
+    config = read_stage_config(__doc__)
+    tokenizer = CrystaLLMTokenizer.from_format()
+    if config.get("model"):
+        model = load_model(config["model"])
+    else:
+        torch.manual_seed(config.get("seed", 0))
+        model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), **config["untrained_model"]))
+    summary = {"model": config.get("model") or f"untrained {config['untrained_model']}", "samples": config["samples"],
+               "max_atoms": config["max_atoms"]}
+    for grammar in (True, False):
+        start = time.perf_counter()
+        texts = sample_texts(model, tokenizer, ["data_"] * config["samples"], grammar=grammar,
+                             max_atoms=config["max_atoms"], batch_size=config["batch_size"], seed=config.get("seed", 0))
+        seconds = time.perf_counter() - start
+        failures = []
+        for text in texts:
+            try:
+                serialization.parse_structure(text)
+            except MalformedTextError as error:
+                failures.append(str(error))
+        summary["grammar" if grammar else "no_grammar"] = {
+            "parse_rate": 1 - len(failures) / len(texts), "seconds": seconds,
+            "samples_per_second": len(texts) / seconds, "first_failures": failures[:5]}
+        print(json.dumps(summary, indent=1), flush=True)
+    (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
