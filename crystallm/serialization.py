@@ -3,7 +3,7 @@
 This module is the only definition of the format: its layout, its precision, its lexemes (the units
 the tokenizer maps to ids) and its vocabulary. Everything else imports from here.
 
-An example (GaTe, P6_3/mmc)::
+An example (GaTe, mp-10009, P6_3/mmc)::
 
     data_GaTe
     _space_group_name_H-M_alt P6_3/mmc
@@ -17,7 +17,7 @@ An example (GaTe, P6_3/mmc)::
     _atom_site_fract_y
     _atom_site_fract_z
     Ga 4f . . 0.1830
-    Te 4f . . 0.8862
+    Te 4f . . 0.6138
 
 Rules:
 
