@@ -1,0 +1,84 @@
+"""What a pretrained model learned, for the objectives' ablation: held-out causal-LM loss, masked-atom accuracy,
+retrieval of an equivalent serialization, and a linear probe of a property from pooled embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crystallm import serialization
+from crystallm.training import PretrainingCollator
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def causal_lm_loss(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy per token over texts (with <eos>)."""
+    total, tokens = 0.0, 0
+    for chunk in _batches(texts, batch_size):
+        batch = collator._encode(chunk)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = model.lm_head(model.encode(ids, mask)[:, :-1]).float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    return total / tokens
+
+
+@torch.no_grad()
+def masked_atom_accuracy(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32) -> float:
+    """Share of masked atom-site elements the bidirectional pass predicts exactly."""
+    correct = total = 0
+    for chunk in _batches(texts, batch_size):
+        batch = collator(chunk)
+        selected = batch["masked_labels"] != -100
+        hidden = model.encode(batch["masked_input_ids"], batch["attention_mask"], bidirectional=True)[selected]
+        correct += int((model.lm_head(hidden).argmax(-1) == batch["masked_labels"][selected]).sum())
+        total += int(selected.sum())
+    return correct / total
+
+
+@torch.no_grad()
+def pooled_embeddings(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """One mean-pooled causal embedding per text (batch, n_embd)."""
+    parts = []
+    for chunk in _batches(texts, batch_size):
+        batch = collator._encode(chunk)
+        parts.append(model.pooled_embedding(batch["input_ids"], batch["attention_mask"]).float().numpy())
+    return np.concatenate(parts)
+
+
+def retrieval_top1(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32,
+                   seed: int = 0) -> float:
+    """Within batches of `batch_size` crystals with 2+ sites, the share whose site-shuffled serialization is
+    nearest (cosine, pooled embeddings) to its own original rather than to another crystal's."""
+    rng = np.random.default_rng(seed)
+    texts = [t for t in texts if len(t.split(serialization.LOOP_HEADER)[1].strip("\n").split("\n")) > 1]
+    views = [serialization.shuffle_sites(t, rng) for t in texts]
+    hits = total = 0
+    for start in range(0, len(texts) - batch_size + 1, batch_size):
+        anchors = pooled_embeddings(model, collator, texts[start:start + batch_size])
+        positives = pooled_embeddings(model, collator, views[start:start + batch_size])
+        anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
+        positives /= np.linalg.norm(positives, axis=1, keepdims=True)
+        hits += int((np.argmax(positives @ anchors.T, axis=1) == np.arange(batch_size)).sum())
+        total += batch_size
+    return hits / total
+
+
+def linear_probe_mae(model, collator: PretrainingCollator, train_texts: list[str], train_targets: np.ndarray,
+                     test_texts: list[str], test_targets: np.ndarray) -> float:
+    """MAE on the test texts of a ridge regression (alpha by cross-validation) from pooled embeddings."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    probe.fit(pooled_embeddings(model, collator, train_texts), train_targets)
+    prediction = probe.predict(pooled_embeddings(model, collator, test_texts))
+    return float(np.mean(np.abs(prediction - test_targets)))
