@@ -59,7 +59,7 @@ def cmd_serialize(args: argparse.Namespace) -> int:
 def _text_or_cif(path: Path) -> str:
     """crystallm text as it is; a CIF is serialized first."""
     content = _read(path)
-    if content.lstrip().startswith(serialization.DATA_PREFIX) and serialization.LOOP_HEADER in content:
+    if serialization.is_crystal_text(content):
         return content.strip("\n")
     return serialization.serialize_structure(serialization.structure_from_cif(content, str(path)))
 

@@ -104,7 +104,7 @@ def _structure_of(entry: Entry) -> tuple[Structure, str | None, int | None]:
     content = entry.payload.decode("utf-8", errors="replace") if isinstance(entry.payload, bytes) else entry.payload
     if not content.strip():
         raise CrystaLLMInputError("empty entry")
-    if entry.kind == "text" or content.startswith(serialization.DATA_PREFIX) and serialization.LOOP_HEADER in content:
+    if entry.kind == "text" or serialization.is_crystal_text(content):
         crystal = serialization.read_crystal_text(content)
         return (serialization.crystal_text_to_structure(crystal), serialization.format_formula(crystal.formula),
                 crystal.space_group)

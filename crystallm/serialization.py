@@ -176,6 +176,15 @@ class CrystalText:
     sites: tuple[AtomSite, ...]
 
 
+def is_crystal_text(content: str) -> bool:
+    r"""Whether a file's content is crystallm text (rather than a CIF or anything else).
+
+    >>> is_crystal_text("data_NaCl\n" + LOOP_HEADER), is_crystal_text("data_NaCl\n_cell_length_a 5.64")
+    (True, False)
+    """
+    return content.lstrip().startswith(DATA_PREFIX) and LOOP_HEADER in content
+
+
 def format_formula(formula: dict[str, int]) -> str:
     """'GaTe', 'Ga2Te3': element then count, a count of 1 left out."""
     return "".join(f"{element}{count if count != 1 else ''}" for element, count in formula.items())
