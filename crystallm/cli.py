@@ -124,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluation.evaluate(
         args.input, reference=args.reference, test=args.test, csp=args.csp, csp_ids=args.csp_ids,
         attempts=tuple(args.attempts), coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
-        limit=args.limit, plots=args.plots, progress=not args.quiet)
+        limit=args.limit, plots=args.plots, records_path=args.records, progress=not args.quiet)
     table = reports.markdown_table(summary)
     print(table)
     if args.json:
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json")
     evaluate.add_argument("--markdown")
     evaluate.add_argument("--plots", help="folder for PNG plots")
+    evaluate.add_argument("--records", help="JSON-lines file of per-structure results, written as they come")
     evaluate.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N entries")
     evaluate.add_argument("--quiet", action="store_true")

@@ -6,8 +6,10 @@ Every entry that cannot be read or scored is kept as a record with its reason; n
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import json
 import math
 import multiprocessing
 import zipfile
@@ -281,11 +283,15 @@ COVERAGE_CUTOFFS = {"perov-5": {"structure": 0.2, "composition": 4.0},
                     "carbon-24": {"structure": 0.2, "composition": 4.0}}
 
 
+PER_STRUCTURE_OMITTED = ("structure", "structure_fp", "composition_fp")  # bulky fields left out of records files
+
+
 def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: str | None = None,
              csp_ids: str | Path | None = None, attempts: tuple[int, ...] = (1, 20), coverage: bool = False,
              bond_lengths: bool = False, num_proc: int | None = None, limit: int | None = None,
-             plots: str | Path | None = None, progress: bool = True) -> dict:
-    """Evaluate a collection (see `iter_entries`) and return the summary; optionally write plots.
+             plots: str | Path | None = None, records_path: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate a collection (see `iter_entries`) and return the summary; optionally write plots, and each
+    structure's record as a JSON line to `records_path` as soon as it is scored.
 
     >>> summary = evaluate("mp20-bt/test", limit=5, num_proc=1, progress=False)
     >>> summary["entries"], summary["validity"]["structural"]
@@ -302,8 +308,13 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     entries = iter_entries(source)
     if limit:
         entries = itertools.islice(entries, limit)
-    records = list(tqdm(score_entries(entries, fingerprints=coverage, bond_lengths=bond_lengths, num_proc=num_proc),
-                        desc="scoring", unit=" structures", disable=not progress))
+    records = []
+    with open(records_path, "w") if records_path else contextlib.nullcontext() as handle:
+        for record in tqdm(score_entries(entries, fingerprints=coverage, bond_lengths=bond_lengths,
+                                         num_proc=num_proc), desc="scoring", unit=" structures", disable=not progress):
+            records.append(record)
+            if handle:
+                handle.write(json.dumps({k: v for k, v in record.items() if k not in PER_STRUCTURE_OMITTED}) + "\n")
     # A collection named twice (the test split as input, --test and --csp) is scored once.
     scored = {str(source): [r for r in records if not r["error"]]} if not limit else {}
 

@@ -2,7 +2,7 @@
 
     python eval/evaluate.py configs/eval-mp20bt-test-self.yaml
 
-Writes `<output_dir>/summary.json`, `<output_dir>/summary.md` and `<output_dir>/plots/*.png`.
+Writes `<output_dir>/summary.json`, `summary.md`, `records.jsonl` (one line per structure) and `plots/*.png`.
 """
 
 from pathlib import Path
@@ -14,7 +14,8 @@ from crystallm.stages import read_stage_config
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config.pop("output_dir"))
-    summary = evaluation.evaluate(config.pop("input"), plots=out / "plots", **config)
+    summary = evaluation.evaluate(config.pop("input"), plots=out / "plots", records_path=out / "records.jsonl",
+                                  **config)
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")
     print(reports.markdown_table(summary))

@@ -52,7 +52,7 @@ def test_evaluate_command_writes_json_markdown_and_plots(messy_zip, mp20_test_sl
         writer.writerows({"id": row["id"], "cif": row["cif"]} for row in mp20_test_slice)
     code = cli.main(["evaluate", str(messy_zip), "--test", str(test_csv), "--limit", "18", "--num-proc", "2",
                      "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md"),
-                     "--plots", str(tmp_path / "plots"), "--quiet"])
+                     "--plots", str(tmp_path / "plots"), "--records", str(tmp_path / "records.jsonl"), "--quiet"])
     assert code == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["entries"] == 18 and summary["unreadable"] == 4
@@ -61,6 +61,9 @@ def test_evaluate_command_writes_json_markdown_and_plots(messy_zip, mp20_test_sl
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "density.png", "num_elements.png", "space_groups.png", "validity.png"]
     assert "| entries | 18 |" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 18 and sum(bool(r["error"]) for r in records) == 4
+    assert "structure" not in records[0] and {"name", "structural_valid", "space_group_0_1"} <= set(records[0])
 
 
 def test_csp_of_test_structures_against_themselves(tmp_path, mp20_test_slice):
