@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from crystallm import serialization
 from crystallm.tokenization import row_element_token_ids
@@ -142,6 +143,8 @@ def pretrain(config: dict) -> Path:
     if step == 0 and log_path.exists():
         log_path.unlink()
     started, tokens, stop_here = time.perf_counter(), 0, False
+    progress = tqdm(total=max_steps, initial=step, desc="pretraining", unit=" steps",
+                    disable=not accelerator.is_main_process or not config.get("progress", True))
     model.train()
     while step < max_steps and not stop_here:
         epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
@@ -168,6 +171,8 @@ def pretrain(config: dict) -> Path:
                    "tokens_per_s": tokens / (time.perf_counter() - started)}
             if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
                 row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['train_loss']:.3f}", tokens_per_s=f"{row['tokens_per_s']:.0f}")
             if accelerator.is_main_process:
                 with open(log_path, "a") as log:
                     log.write(json.dumps(row) + "\n")
@@ -179,8 +184,10 @@ def pretrain(config: dict) -> Path:
             if step >= max_steps or stop_here:
                 break
         if stop_here:
+            progress.close()
             accelerator.print(f"stopped at step {step} (stop_at_step); run again to resume")
             return out
+    progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out)
