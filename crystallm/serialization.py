@@ -287,7 +287,7 @@ def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
     # Every description the space group's normalizer allows (other origin, inversion, and for polar groups
     # a sliding origin pinned on a first site); the smallest text is the canonical one.
     elements = [Element.from_Z(int(z)).symbol for z in cell.atomic_numbers]
-    orbit_ids, orbits, multiplicities = np.unique(cell.equivalent_atoms, return_index=True, return_counts=True)
+    _, orbits, multiplicities = np.unique(cell.orbit_ids, return_index=True, return_counts=True)
     orbits, multiplicities = orbits.tolist(), multiplicities.tolist()  # first atom of each orbit, its size
     rank = {symbol: i for i, symbol in enumerate(formula)}
     best: tuple[str, CrystalText] | None = None

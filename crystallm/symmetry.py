@@ -252,7 +252,7 @@ class StandardCell:
     frac_coords: np.ndarray
     atomic_numbers: np.ndarray
     wyckoff_letters: tuple[str, ...]
-    equivalent_atoms: np.ndarray  # for each atom, an id shared by the atoms of its orbit
+    orbit_ids: np.ndarray  # for each atom, an id shared by the atoms of its orbit (spglib crystallographic_orbits)
 
 
 def structure_to_cell(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -324,7 +324,7 @@ def standard_cell(structure: Structure, symprec: float = DEFAULT_SYMPREC,
         frac_coords=np.mod(dataset.std_positions, 1.0),
         atomic_numbers=np.asarray(dataset.std_types),
         wyckoff_letters=tuple(dataset.wyckoffs[i] for i in inputs),
-        equivalent_atoms=np.array([dataset.crystallographic_orbits[i] for i in inputs]),
+        orbit_ids=np.array([dataset.crystallographic_orbits[i] for i in inputs]),
     )
 
 
