@@ -96,5 +96,12 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
         return self(text + (self.eos_token if add_eos else ""))["input_ids"]
 
     def decode_structure(self, ids):
-        """Parse generated ids back into a Structure (raises MalformedTextError on bad text)."""
+        """Parse generated ids back into a Structure (raises MalformedTextError on bad text).
+
+        >>> from pymatgen.core import Lattice, Structure
+        >>> tokenizer = CrystaLLMTokenizer.from_format()
+        >>> ids = tokenizer.encode_structure(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]))
+        >>> tokenizer.decode_structure(ids).composition.reduced_formula
+        'CsCl'
+        """
         return serialization.parse_structure(self.decode(ids, skip_special_tokens=True))
