@@ -5,13 +5,16 @@ the formula, a space group, a number of formula units Z that the group's Wyckoff
 free lattice parameters, the loop header, then atom-site rows whose element is forced (formula order), whose
 Wyckoff positions exist in the group and leave a count that can still be completed (a fixed position is used
 once), and whose free coordinates are numbers in [0, 1). `<eos>` is allowed exactly when the formula is complete.
-When the prompt holds a formula, the multiplicities add up to it.
+When the prompt holds a formula, the multiplicities add up to it. A space group or a set of elements (a
+chemical system) can be imposed without writing them into the prompt, and a length limit (the model's context)
+is never exceeded: Z is only allowed where even the most rows the group could need still fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Iterable
 
 import torch
 from transformers import LogitsProcessor
@@ -19,6 +22,14 @@ from transformers import LogitsProcessor
 from crystallm import serialization, symmetry
 
 MAX_ELEMENTS = 8
+ROW_TOKENS = 8  # element, Wyckoff symbol, three coordinates of at most two tokens each
+HEADER_TOKENS = 42  # bos, data_, 8 elements with counts, 4 tag/value tokens, 6 lattice parameters of 3, loop, eos
+# Space groups are checked for a formula in order of the model's probability until this much of it is covered:
+# an exact check of all 230 costs ~0.4 s per new formula, and the groups left unchecked carry < 1e-4 of the mass.
+GROUP_MASS_CHECKED = 1 - 1e-4
+# Triclinic angles: spglib's reduced cells keep them in [60, 120) (all 2,661 triclinic crystals of ../shared/data
+# lie in [59.99, 120)); within [59, 121) any alpha and beta leave a gamma that makes a real cell.
+TRICLINIC_ANGLES = (59, 121)
 
 
 @dataclass
@@ -33,6 +44,7 @@ class _State:
     formula_units: int | None = None
     lattice_left: list[int] = field(default_factory=list)  # indices into LATTICE_TAGS still to write
     lattice_part: int = 0  # 0: tag next, 1: integer part next, 2: decimals next
+    lattice_values: dict[int, float] = field(default_factory=dict)  # index into LATTICE_TAGS -> value so far
     remaining: dict[str, int] = field(default_factory=dict)
     used_fixed: set[str] = field(default_factory=set)
     element: str | None = None
@@ -54,6 +66,26 @@ def _free_reachable(space_group: int, limit: int) -> frozenset[int]:
     return frozenset(reachable)
 
 
+@lru_cache(maxsize=None)
+def _single_reachable(space_group: int, limit: int) -> frozenset[int]:
+    """Counts one element alone could fill (free positions any number of times, fixed ones once): a fast
+    necessary condition before the exact check, which also keeps fixed positions apart between elements."""
+    reachable = set(_free_reachable(space_group, limit))
+    for wp in symmetry.wyckoff_positions(space_group):
+        if not wp.free_axes:
+            reachable |= {r + wp.multiplicity for r in reachable if r + wp.multiplicity <= limit}
+    return frozenset(reachable)
+
+
+@lru_cache(maxsize=None)
+def _max_rows(space_group: int, atoms: int) -> int:
+    """An upper bound on the rows (orbits) that `atoms` atoms can take in the group: each fixed position smaller
+    than the smallest free one at most once, every other row at least that smallest free multiplicity."""
+    positions = symmetry.wyckoff_positions(space_group)
+    smallest_free = min(wp.multiplicity for wp in positions if wp.free_axes)
+    return sum(1 for wp in positions if not wp.free_axes and wp.multiplicity < smallest_free) + atoms // smallest_free
+
+
 @lru_cache(maxsize=200_000)
 def _feasible(space_group: int, remaining: tuple[int, ...], used_fixed: frozenset[str], limit: int) -> bool:
     """Whether every element's remaining count can still be filled: free positions any number of times, each
@@ -71,24 +103,22 @@ def _feasible(space_group: int, remaining: tuple[int, ...], used_fixed: frozense
 
 
 @lru_cache(maxsize=100_000)
-def _formula_units(space_group: int, counts: tuple[int, ...], limit: int) -> tuple[int, ...]:
-    """Values of Z for which the group can place Z times each count, within `limit` atoms."""
+def _formula_units(space_group: int, counts: tuple[int, ...], limit: int, row_budget: int) -> tuple[int, ...]:
+    """Values of Z for which the group can place Z times each count, within `limit` atoms and `row_budget` rows."""
     largest = min(serialization.MAX_FORMULA_UNITS, limit // sum(counts))
+    single = _single_reachable(space_group, limit)
     return tuple(z for z in range(1, largest + 1)
-                 if _feasible(space_group, tuple(z * c for c in counts), frozenset(), limit))
-
-
-@lru_cache(maxsize=10_000)
-def _possible_groups(counts: tuple[int, ...], limit: int) -> tuple[int, ...]:
-    """Space groups in which some Z fits the formula's counts."""
-    return tuple(number for number in range(1, 231) if _formula_units(number, counts, limit))
+                 if all(z * c in single for c in counts) and _max_rows(space_group, z * sum(counts)) <= row_budget
+                 and _feasible(space_group, tuple(z * c for c in counts), frozenset(), limit))
 
 
 class CrystalGrammarLogitsProcessor(LogitsProcessor):
     """Mask every token that would make the text unparseable. Use with `model.generate(..., logits_processor=
     LogitsProcessorList([CrystalGrammarLogitsProcessor(tokenizer)]))`.
 
-    max_atoms bounds the conventional cell (Z times the formula's atoms); a prompt may end anywhere in the text.
+    max_atoms bounds the conventional cell (Z times the formula's atoms); max_length (prompt and generated tokens,
+    usually the model's `n_positions`) bounds the text; space_group (a number) and elements (a chemical system:
+    the formula uses exactly these) constrain what the model may write. A prompt may end anywhere in the text.
 
     >>> from crystallm.tokenization import CrystaLLMTokenizer
     >>> tokenizer = CrystaLLMTokenizer.from_format()
@@ -99,9 +129,15 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
     ['\\n_cell_formula_units_Z']
     """
 
-    def __init__(self, tokenizer, max_atoms: int = 160):
+    def __init__(self, tokenizer, max_atoms: int = 160, max_length: int | None = None,
+                 space_group: int | None = None, elements: Iterable[str] | None = None):
         self.tokenizer = tokenizer
         self.max_atoms = max_atoms
+        # Without a length limit rows never exceed atoms, so the row budget does not bind.
+        self.row_budget = (max_length - HEADER_TOKENS) // ROW_TOKENS if max_length else max_atoms
+        self.formula_limit = min(max_atoms, self.row_budget)  # P1 with Z=1 fits any formula this small
+        self.space_group = space_group
+        self.elements = tuple(elements or ())
         self.vocab_size = len(tokenizer)
         vocab = tokenizer.get_vocab()
         self.id_of = vocab
@@ -111,10 +147,12 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         self.row_elements = {vocab["\n" + s]: s for s in symbols}
         self.counts = {vocab[str(n)]: n for n in range(2, 10)} | {vocab[f"{n:02d}"]: n for n in range(10, 100)}
         self.groups = {vocab[" " + symmetry.space_group_symbol(n)]: n for n in range(1, 231)}
+        self.group_ids = [vocab[" " + symmetry.space_group_symbol(n)] for n in range(1, 231)]
         self.units = {vocab[f" {z}"]: z for z in range(1, serialization.MAX_FORMULA_UNITS + 1)}
         self.integer_parts = {vocab[f" {k}."]: k for k in range(1, int(serialization.MAX_LENGTH))}
         self.coordinate_firsts = [vocab[f" 0.{k:02d}"] for k in range(100)]
         self.decimal_pairs = [vocab[f"{k:02d}"] for k in range(100)]
+        self.decimal_values = {vocab[f"{k:02d}"]: k / 100 for k in range(100)}
         self.wyckoff_ids = {vocab[t]: t[1:] for t in vocab if t.startswith(" ") and t[1:-1].isdigit()
                             and t[-1].isalpha()}
         self.fixed = vocab[" " + serialization.FIXED_COORDINATE]
@@ -126,13 +164,16 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         self.skip = {tokenizer.pad_token_id, tokenizer.bos_token_id}
         self.eos = tokenizer.eos_token_id
         self._cache: dict[int, tuple[list[int], _State]] = {}
+        problem = self.constraint_problem()
+        if problem:
+            raise ValueError(problem)
 
     # --- the state machine -------------------------------------------------------------------------------
     def _advance(self, state: _State, token: int) -> None:
         """Move `state` past `token` (assumed allowed; a disallowed one sets state.error)."""
         if token in self.skip or state.error:
             return
-        if token not in self._allowed(state):
+        if not self._is_allowed(state, token):
             state.error = f"token {self.token_of.get(token)!r} not allowed in stage {state.stage}"
             return
         if state.stage == "start":
@@ -157,6 +198,11 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             state.lattice_left = list(serialization.FREE_LATTICE_PARAMETERS[system])
             state.stage, state.lattice_part = "lattice", 0
         elif state.stage == "lattice":
+            index = state.lattice_left[0]
+            if state.lattice_part == 1:
+                state.lattice_values[index] = float(self.integer_parts[token])
+            elif state.lattice_part == 2:
+                state.lattice_values[index] += self.decimal_values[token]
             state.lattice_part += 1
             if state.lattice_part == 3:
                 state.lattice_left.pop(0)
@@ -186,23 +232,35 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             if state.axis == 3:
                 state.stage = "row_element"
 
+    def _is_allowed(self, state: _State, token: int) -> bool:
+        if state.stage == "group" and not self.space_group:  # one group's check, not all 230
+            number = self.groups.get(token)
+            return number is not None and bool(self._units_for(state.formula, number))
+        return token in self._allowed(state)
+
+    def _likely_groups(self, state: _State, scores: torch.Tensor) -> list[int]:
+        """The group tokens allowed after a formula: the feasible ones among the most probable groups that
+        together hold GROUP_MASS_CHECKED of the model's probability over groups (P1 always fits)."""
+        probabilities = torch.softmax(scores[self.group_ids].float(), dim=0)
+        allowed, checked = [], 0.0
+        for index in torch.argsort(probabilities, descending=True).tolist():
+            if allowed and checked >= GROUP_MASS_CHECKED:
+                break
+            checked += float(probabilities[index])
+            if self._units_for(state.formula, index + 1):
+                allowed.append(self.group_ids[index])
+        return allowed
+
     def _allowed(self, state: _State) -> list[int]:
         """Token ids allowed next."""
         stage = state.stage
         if stage == "start":
             return [self.data]
         if stage == "formula":
-            atoms = sum(state.formula.values())
-            allowed = [i for i, e in self.formula_elements.items() if e not in state.formula] \
-                if len(state.formula) < MAX_ELEMENTS and atoms < self.max_atoms else []
-            if state.formula:
-                allowed.append(self.tags[serialization.TAG_SPACE_GROUP])
-                if not state.counted:
-                    allowed += [i for i, n in self.counts.items() if atoms - 1 + n <= self.max_atoms]
-            return allowed
+            return self._formula_allowed(state)
         if stage == "group":
-            groups = _possible_groups(tuple(sorted(state.formula.values())), self.max_atoms)
-            return [self.id_of[" " + symmetry.space_group_symbol(number)] for number in groups]
+            # Only an imposed group is listed here; otherwise __call__ asks _likely_groups, which needs the scores.
+            return [self.group_ids[self.space_group - 1]] if self.space_group else []
         if stage == "units_tag":
             return [self.tags[serialization.TAG_FORMULA_UNITS]]
         if stage == "units":
@@ -211,10 +269,13 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             index = state.lattice_left[0]
             if state.lattice_part == 0:
                 return [self.tags[serialization.LATTICE_TAGS[index]]]
+            low, high = (serialization.MIN_LENGTH, serialization.MAX_LENGTH) if index < 3 else (1, 180)
+            if index >= 3 and state.space_group <= 2:
+                low, high = self._triclinic_angle_range(state, index)
             if state.lattice_part == 1:
-                low, high = (serialization.MIN_LENGTH, serialization.MAX_LENGTH) if index < 3 else (1, 180)
-                return [i for i, k in self.integer_parts.items() if low <= k < high]
-            return self.decimal_pairs
+                return [i for i, k in self.integer_parts.items() if low <= k + 0.99 and k < high]
+            value = state.lattice_values[index]
+            return [i for i, d in self.decimal_values.items() if low <= value + d < high]
         if stage == "loop":
             return [self.loop]
         if stage == "row_element":
@@ -239,9 +300,67 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             return self.coordinate_firsts if state.axis in state.wyckoff.free_axes else [self.fixed]
         return [self.eos]  # done: keep padding with eos
 
+    @staticmethod
+    def _triclinic_angle_range(state: _State, index: int) -> tuple[float, float]:
+        """[low, high) for a triclinic angle: gamma must make a real cell with alpha and beta written before it
+        (|alpha - beta| < gamma < alpha + beta and alpha + beta + gamma < 360)."""
+        low, high = TRICLINIC_ANGLES
+        if index == 5:
+            alpha, beta = state.lattice_values[3], state.lattice_values[4]
+            low = max(low, round(abs(alpha - beta) + 0.01, 2))
+            high = min(high, alpha + beta, 360 - alpha - beta)
+        return low, high
+
+    def _closable(self, counts: tuple[int, ...]) -> bool:
+        """Whether a formula with these counts can be closed: a space group (the imposed one, if any) and a Z fit."""
+        if self.space_group is None:
+            return sum(counts) <= self.formula_limit
+        return bool(_formula_units(self.space_group, tuple(sorted(counts)), self.max_atoms, self.row_budget))
+
+    def _formula_allowed(self, state: _State) -> list[int]:
+        """Elements, counts and the closing tag that keep the formula closable. Every allowed token leaves a
+        closable formula (counting each element still to come once), so decoding never reaches a dead end."""
+        missing = [e for e in self.elements if e not in state.formula]
+        counts = tuple(state.formula.values())
+        allowed = []
+        if len(state.formula) < MAX_ELEMENTS:
+            if self.elements:  # a required element with count 1 leaves the counts to close as they were
+                allowed += [self.id_of[e] for e in missing]
+            elif self._closable(counts + (1,)):
+                allowed += [i for i, e in self.formula_elements.items() if e not in state.formula]
+        if state.formula:
+            if not missing:
+                allowed.append(self.tags[serialization.TAG_SPACE_GROUP])
+            if not state.counted:
+                rest = counts[:-1] + (1,) * len(missing)
+                allowed += [i for i, n in self.counts.items() if self._closable(rest + (n,))]
+        return allowed
+
+    def constraint_problem(self) -> str | None:
+        """Why the imposed space group and elements cannot give any text within the limits, or None.
+
+        >>> from crystallm.tokenization import CrystaLLMTokenizer
+        >>> CrystalGrammarLogitsProcessor(CrystaLLMTokenizer.from_format(), max_atoms=8, elements=["Xx"])
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown element 'Xx' in the chemical system
+        """
+        unknown = [e for e in self.elements if e not in self.formula_elements.values()]
+        if unknown:
+            return f"unknown element {unknown[0]!r} in the chemical system"
+        if len(set(self.elements)) > MAX_ELEMENTS:
+            return f"a chemical system of {len(set(self.elements))} elements (at most {MAX_ELEMENTS})"
+        if self.space_group is not None and not 1 <= self.space_group <= 230:
+            return f"space group {self.space_group} does not exist (1-230)"
+        if not self._closable((1,) * max(1, len(self.elements))):
+            what = "-".join(self.elements) or "any formula"
+            group = f" in space group {self.space_group}" if self.space_group else ""
+            return f"{what} cannot be placed{group} within {self.max_atoms} atoms and {self.row_budget} rows"
+        return None
+
     def _units_for(self, formula: dict[str, int], space_group: int) -> tuple[int, ...]:
-        """Values of Z whose atom counts the space group can fill within max_atoms."""
-        return _formula_units(space_group, tuple(sorted(formula.values())), self.max_atoms)
+        """Values of Z whose atom counts the space group can fill within max_atoms and the row budget."""
+        return _formula_units(space_group, tuple(sorted(formula.values())), self.max_atoms, self.row_budget)
 
     def state_of(self, ids: list[int]) -> _State:
         """The grammar state after a sequence of ids (prompt and generated tokens)."""
@@ -256,7 +375,10 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             state = self._incremental_state(row, ids)
             if state.error:
                 raise ValueError(f"the prompt does not follow the text format: {state.error}")
-            allowed = self._allowed(state)
+            if state.stage == "group" and not self.space_group:
+                allowed = self._likely_groups(state, scores[row])
+            else:
+                allowed = self._allowed(state)
             mask[row, allowed] = 0.0
         return scores + mask
 
