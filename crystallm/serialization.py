@@ -228,6 +228,17 @@ def _formula_order(symbol: str) -> tuple[float, str]:
     return (electronegativity if math.isfinite(electronegativity) else math.inf, symbol)
 
 
+def reduce_formula(counts: dict[str, int]) -> tuple[dict[str, int], int]:
+    """The reduced formula as the format writes it (pymatgen's electronegativity order) and the number of
+    formula units in `counts`.
+
+    >>> reduce_formula({"Cl": 4, "Na": 4})
+    ({'Na': 1, 'Cl': 1}, 4)
+    """
+    formula_units = math.gcd(*counts.values())
+    return {symbol: counts[symbol] // formula_units for symbol in sorted(counts, key=_formula_order)}, formula_units
+
+
 def _check_orderable(structure: Structure) -> None:
     if not isinstance(structure, Structure):
         raise InvalidStructureError(f"expected a pymatgen Structure, got {type(structure).__name__}")
@@ -277,12 +288,10 @@ def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
     for number in cell.atomic_numbers:
         symbol = Element.from_Z(int(number)).symbol
         counts[symbol] = counts.get(symbol, 0) + 1
-    formula_units = math.gcd(*counts.values())
+    formula, formula_units = reduce_formula(counts)
     if formula_units > MAX_FORMULA_UNITS:
         raise InvalidStructureError(f"{formula_units} formula units in the conventional cell; "
                                     f"the format allows at most {MAX_FORMULA_UNITS}")
-    order = sorted(counts, key=_formula_order)
-    formula = {symbol: counts[symbol] // formula_units for symbol in order}
 
     # Every description the space group's normalizer allows (other origin, inversion, and for polar groups
     # a sliding origin pinned on a first site); the smallest text is the canonical one.
@@ -529,6 +538,10 @@ def _check_composition(formula: dict[str, int], formula_units: int, sites: list[
 
 def crystal_text_to_structure(crystal: CrystalText, primitive: bool = False) -> Structure:
     """Build the structure that a CrystalText describes: its conventional cell, or the primitive one."""
+    alpha, beta, gamma = crystal.lattice_parameters[3:]
+    if not (alpha + beta + gamma < 360 and alpha + beta > gamma and alpha + gamma > beta and beta + gamma > alpha):
+        raise MalformedTextError(f"cell angles {alpha}, {beta}, {gamma} do not form a cell (each must be less than "
+                                 f"the sum of the other two, and their sum less than 360)")
     lattice = Lattice.from_parameters(*crystal.lattice_parameters)
     species, coords = [], []
     for site in crystal.sites:
@@ -586,8 +599,12 @@ def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFA
     True
     """
     from pymatgen.io.cif import CifWriter
+    from pymatgen.symmetry.analyzer import SymmetryUndeterminedError
 
-    return str(CifWriter(structure, symprec=symprec))
+    try:
+        return str(CifWriter(structure, symprec=symprec, angle_tolerance=symmetry.DEFAULT_ANGLE_TOLERANCE))
+    except SymmetryUndeterminedError:  # spglib finds no group (e.g. overlapping atoms): write it as P1
+        return str(CifWriter(structure))
 
 
 @dataclass
