@@ -41,10 +41,15 @@ def compositional_validity(composition: Composition | Structure) -> bool:
 
     >>> compositional_validity(Composition("NaCl")), compositional_validity(Composition("NaCl2"))
     (True, False)
+    >>> compositional_validity(Composition("McCl"))  # an element without smact data
+    False
     """
     if isinstance(composition, Structure):
         composition = composition.composition
-    return bool(smact_validity(composition.element_composition))
+    try:
+        return bool(smact_validity(composition.element_composition))
+    except KeyError:  # smact has no data for some heavy elements (e.g. Mc): neutrality cannot be shown
+        return False
 
 
 def formula_consistent(structure: Structure, stated_formula: str) -> bool:
