@@ -9,6 +9,9 @@ a projection for the contrastive objective, and the three pretraining losses.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,6 +107,14 @@ def load_model(path: str, **kwargs) -> CrystaLLMForCausalLM:
 
     from crystallm.errors import CheckpointError
 
+    config_file = Path(path) / "config.json"
+    if Path(path).exists():  # a local folder (anything else is taken for a Hub id)
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a model folder (config.json: {error})") from None
+        if model_type != CrystaLLMConfig.model_type:
+            raise CheckpointError(f"{path}: not a crystallm model (its config.json says model_type {model_type!r})")
     try:
         model, info = CrystaLLMForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
