@@ -9,8 +9,11 @@ import numpy as np
 
 
 def write_json(summary: dict, path: str | Path) -> None:
-    """The summary as indented JSON with stable (sorted) keys."""
-    Path(path).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    """The summary as indented JSON with stable (sorted) keys, replaced atomically (readers never see half)."""
+    path = Path(path)
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    scratch.replace(path)
 
 
 def markdown_table(summary: dict) -> str:
