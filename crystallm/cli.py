@@ -134,6 +134,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate crystals into an output folder (see `crystallm.output_folder`), resumable, with a progress bar."""
+    from tqdm import tqdm
+
+    from crystallm import generation, reports
+    from crystallm.output_folder import GenerationFolder
+
+    args.max_atoms = args.max_atoms or generation.DEFAULT_MAX_ATOMS
+    prompt = generation.Prompt.of(args.formula, args.spacegroup, args.chemical_system)
+    model, tokenizer = generation.load_generator(args.model, args.device)
+    prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
+    settings = {"model": str(args.model or "default"), "prompt": prompt.describe(), "num": args.num,
+                "batch_size": args.batch_size, "seed": args.seed, "temperature": args.temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "max_atoms": args.max_atoms, "bf16": not args.fp32,
+                "format_version": serialization.FORMAT_VERSION}
+    folder = GenerationFolder(args.out, settings, resume=args.resume)
+    samples = generation.generate_structures(
+        model, tokenizer, prompt, num=args.num, batch_size=args.batch_size, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_atoms=args.max_atoms,
+        start=folder.finished, bf16=not args.fp32)
+    with tqdm(total=args.num, initial=min(folder.finished, args.num), desc="generating", unit=" structures",
+              disable=args.quiet) as progress:
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == args.batch_size or sample.index == args.num - 1:
+                folder.write(batch)
+                progress.update(len(batch))
+                batch = []
+    summary = folder.summary()
+    speed = summary["generation"]
+    print(reports.markdown_table(summary))
+    if speed["seconds"]:
+        print(f"| parse rate | {summary['parse_rate']:.4f} |\n| structures/s | {speed['structures_per_second']:.2f} |"
+              f"\n| tokens/s | {speed['tokens_per_second']:.0f} |")
+    print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
+          f"summary.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crystallm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,13 +216,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N entries")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    generate = commands.add_parser("generate", help="generate crystal structures (default: the shipped model)")
+    generate.add_argument("--model", help="a model folder (save_pretrained) or Hub id; default: the shipped model")
+    generate.add_argument("--num", type=int, default=100, help="how many structures (default 100)")
+    generate.add_argument("--formula", help="crystal structure prediction for this formula, e.g. LiFePO4")
+    generate.add_argument("--spacegroup", help="impose a space group: number or symbol, e.g. 225 or Fm-3m")
+    generate.add_argument("--chemical-system", help="only formulas of exactly these elements, e.g. Li-Fe-O")
+    generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
+    generate.add_argument("--batch-size", type=int, default=32)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--max-atoms", type=int, help="atoms in the conventional cell, at most (default 160)")
+    generate.add_argument("--resume", action="store_true", help="continue the run in --out")
+    generate.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    generate.add_argument("--fp32", action="store_true", help="no bf16 autocast on CPU (slower)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(run=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crystallm` console command."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line
+    try:
+        return args.run(args)
+    except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line, no traceback
+        print(f"crystallm {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

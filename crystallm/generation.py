@@ -1,36 +1,260 @@
-"""Sampling crystallm text from a model with Hugging Face `generate` and the grammar processor."""
+"""Generating crystal structures: prompts, batched Hugging Face `generate` with the grammar processor, and
+records of what came out (text, parsed structure or the parse error, detected space group, timing).
+
+    >>> model, tokenizer = load_generator()  # the default model shipped inside the package
+    >>> [sample] = generate_structures(model, tokenizer, Prompt.of(formula="NaCl"), num=1, seed=0)
+    >>> sample.structure.composition.reduced_formula
+    'NaCl'
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
 import torch
+from pymatgen.core import Composition, Structure
 from transformers import LogitsProcessorList
 
+from crystallm import serialization, symmetry
+from crystallm.errors import CrystaLLMInputError
 from crystallm.grammar import CrystalGrammarLogitsProcessor
 
+DEFAULT_MODEL = Path(__file__).parent / "resources" / "default-model"
+DEFAULT_MAX_ATOMS = 160  # conventional cell; 99.9% of the pretraining corpus has at most this many atoms
 
-def sample_texts(model, tokenizer, prompts: list[str], grammar: bool = True, max_atoms: int = 80,
-                 max_new_tokens: int | None = None, batch_size: int = 32, seed: int = 0, **sampling) -> list[str]:
-    """One sampled text per prompt (prompts: "data_" for unconditional, or a formula closed by the space-group
-    tag). With `grammar`, every text parses; `max_atoms` bounds the conventional cell and so the length.
 
-    >>> from crystallm.configuration import CrystaLLMConfig
-    >>> from crystallm.modeling import CrystaLLMForCausalLM
-    >>> from crystallm.tokenization import CrystaLLMTokenizer
-    >>> tokenizer = CrystaLLMTokenizer.from_format()
-    >>> model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2))
-    >>> sample_texts(model, tokenizer, ["data_"], max_atoms=4)[0].startswith("data_")
-    True
+def reduced_formula(formula: str) -> dict[str, int]:
+    """A formula (any order, any multiple, parentheses allowed) as the text format writes it: the reduced
+    integer formula in pymatgen's electronegativity order.
+
+    >>> reduced_formula("Cl4Na4"), reduced_formula("Fe2(SO4)3")
+    ({'Na': 1, 'Cl': 1}, {'Fe': 2, 'S': 3, 'O': 12})
     """
-    torch.manual_seed(seed)
-    max_new_tokens = max_new_tokens or 8 * max_atoms + 60  # a row is at most 8 tokens, the header ~40
-    texts = []
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        inputs = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
-        processors = LogitsProcessorList([CrystalGrammarLogitsProcessor(tokenizer, max_atoms)]) if grammar else None
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True,
-                                 logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-    return texts
+    try:
+        amounts = Composition(formula).get_el_amt_dict()
+    except (ValueError, KeyError) as error:
+        raise CrystaLLMInputError(f"formula {formula!r}: {error}") from None
+    if not amounts:
+        raise CrystaLLMInputError(f"formula {formula!r}: no elements")
+    unknown = [symbol for symbol in amounts if symbol not in serialization.element_symbols()]
+    if unknown:
+        raise CrystaLLMInputError(f"formula {formula!r}: unknown element {unknown[0]!r}")
+    if any(not float(a).is_integer() or a <= 0 for a in amounts.values()):
+        raise CrystaLLMInputError(f"formula {formula!r}: element counts must be positive whole numbers")
+    return serialization.reduce_formula({element: int(count) for element, count in amounts.items()})[0]
+
+
+def parse_space_group(value: str | int) -> int:
+    """A space group given as a number (1-230) or a Hermann-Mauguin short symbol.
+
+    >>> parse_space_group("Fm-3m"), parse_space_group("225"), parse_space_group("P6_3/mmc")
+    (225, 225, 194)
+    """
+    text = str(value).strip()
+    if text.isdigit():
+        if not 1 <= int(text) <= 230:
+            raise CrystaLLMInputError(f"space group {text}: numbers run from 1 to 230")
+        return int(text)
+    try:
+        return symmetry.space_group_number(text)
+    except KeyError as error:
+        raise CrystaLLMInputError(f"space group {text!r}: {error.args[0]}") from None
+
+
+def parse_chemical_system(value: str) -> tuple[str, ...]:
+    """A chemical system such as 'Li-Fe-P-O' (each element must appear in the formula).
+
+    >>> parse_chemical_system("Li-Fe-P-O")
+    ('Li', 'Fe', 'P', 'O')
+    """
+    elements = tuple(part.strip() for part in value.split("-"))
+    unknown = [e for e in elements if e not in serialization.element_symbols()]
+    if unknown or not elements:
+        raise CrystaLLMInputError(f"chemical system {value!r}: unknown element {unknown[0]!r}" if unknown
+                                  else f"chemical system {value!r}: no elements")
+    if len(set(elements)) != len(elements):
+        raise CrystaLLMInputError(f"chemical system {value!r}: an element is named twice")
+    return elements
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What to generate. Empty: unconditional. `formula` (reduced, format order): crystal structure prediction.
+    `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes."""
+
+    formula: tuple[tuple[str, int], ...] = ()
+    space_group: int | None = None
+    elements: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, formula: str | None = None, space_group: str | int | None = None,
+           chemical_system: str | None = None) -> "Prompt":
+        """A prompt from what a user types; bad input raises CrystaLLMInputError naming it.
+
+        >>> Prompt.of(formula="NaCl", space_group="Fm-3m").text()
+        'data_NaCl\\n_space_group_name_H-M_alt Fm-3m'
+        """
+        prompt = cls(formula=tuple(reduced_formula(formula).items()) if formula is not None else (),
+                     space_group=parse_space_group(space_group) if space_group is not None else None,
+                     elements=parse_chemical_system(chemical_system) if chemical_system is not None else ())
+        if prompt.formula and prompt.elements and {e for e, _ in prompt.formula} != set(prompt.elements):
+            raise CrystaLLMInputError(f"formula {formula!r} is not in the chemical system {chemical_system!r}")
+        return prompt
+
+    def text(self) -> str:
+        """The prompt as the model reads it: the text format up to where the model takes over."""
+        if not self.formula:
+            return serialization.DATA_PREFIX
+        text = serialization.DATA_PREFIX + serialization.format_formula(dict(self.formula))
+        text += "\n" + serialization.TAG_SPACE_GROUP
+        if self.space_group:
+            text += " " + symmetry.space_group_symbol(self.space_group)
+        return text
+
+    def describe(self) -> str:
+        """A short human-readable form, for records and errors."""
+        parts = [f"formula {serialization.format_formula(dict(self.formula))}" if self.formula else "",
+                 f"space group {symmetry.space_group_symbol(self.space_group)} ({self.space_group})"
+                 if self.space_group else "", f"chemical system {'-'.join(self.elements)}" if self.elements else ""]
+        return ", ".join(p for p in parts if p) or "unconditional"
+
+    def grammar(self, tokenizer, max_atoms: int, max_length: int) -> CrystalGrammarLogitsProcessor:
+        """The grammar processor that imposes this prompt; raises CrystaLLMInputError if nothing can satisfy it."""
+        # A formula in the text already fixes the elements; a space group in the text is checked by the grammar.
+        elements = () if self.formula else self.elements
+        space_group = None if self.formula else self.space_group
+        try:
+            processor = CrystalGrammarLogitsProcessor(tokenizer, max_atoms, max_length, space_group, elements)
+        except ValueError as error:
+            raise CrystaLLMInputError(f"impossible prompt ({self.describe()}): {error}") from None
+        state = processor.state_of(tokenizer(self.text())["input_ids"])
+        if state.error:
+            atoms = sum(count for _, count in self.formula)
+            if atoms > processor.formula_limit:
+                reason = (f"{atoms} atoms in the reduced formula; at most {processor.formula_limit} fit "
+                          f"(--max-atoms {max_atoms} and the model's context of {max_length} tokens)")
+            else:
+                reason = f"no conventional cell of at most {max_atoms} atoms in this space group holds it"
+            raise CrystaLLMInputError(f"impossible prompt ({self.describe()}): {reason}")
+        return processor
+
+
+@dataclass
+class GeneratedSample:
+    """One generated crystal: its text, the parsed structure (None with `error` set if it did not parse), the
+    space group spglib detects at symprec 0.1, and its share of the batch's wall time."""
+
+    index: int
+    prompt: Prompt
+    text: str
+    structure: Structure | None
+    error: str
+    space_group: int | None
+    tokens: int
+    seconds: float
+
+
+def load_generator(model: str | Path | None = None, device: str | None = None):
+    """(model, tokenizer) from a folder saved with `save_pretrained` (or a Hub id), or the default model shipped
+    inside the package when `model` is None. Raises CheckpointError naming the folder if it is not a crystallm
+    model.
+
+    >>> model, tokenizer = load_generator()
+    >>> model.config.model_type, len(tokenizer)
+    ('crystallm', 1394)
+    """
+    from crystallm.modeling import load_model
+    from crystallm.tokenization import CrystaLLMTokenizer
+
+    source = str(model or DEFAULT_MODEL)
+    loaded = load_model(source)
+    tokenizer = CrystaLLMTokenizer.from_pretrained(source)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return loaded.to(device).eval(), tokenizer
+
+
+def _parse(text: str) -> tuple[Structure | None, str, int | None]:
+    try:
+        structure = serialization.parse_structure(text)
+    except CrystaLLMInputError as error:
+        return None, f"{type(error).__name__}: {error}", None
+    try:
+        space_group = symmetry.detect_space_group(structure, symmetry.DEFAULT_SYMPREC)
+    except Exception:  # spglib fails on pathological cells; the record then says "none found"
+        space_group = None
+    return structure, "", space_group
+
+
+def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | None = None, num: int | None = None,
+                        batch_size: int = 32, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS, start: int = 0,
+                        bf16: bool = True, grammar: bool = True) -> Iterator[GeneratedSample]:
+    """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
+
+    `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
+    reproducible: each batch is seeded from `seed` and its first index, so `start` (skip the first samples, to
+    resume) gives the same samples as an uninterrupted run with the same batch size. `bf16` autocasts on CPU
+    (faster there); the grammar guarantees every text parses (`grammar=False` only to measure what it buys).
+
+    >>> model, tokenizer = load_generator()
+    >>> samples = list(generate_structures(model, tokenizer, num=2, seed=1))
+    >>> [s.error for s in samples], all(s.structure is not None for s in samples)
+    (['', ''], True)
+    """
+    if prompts is None or isinstance(prompts, Prompt):
+        if num is None:
+            raise ValueError("give num with a single prompt")
+        prompts = [prompts or Prompt()] * num
+    prompts = list(prompts)
+    max_length = model.config.n_positions
+    grammars = {p: p.grammar(tokenizer, max_atoms, max_length) if grammar else None
+                for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
+    sampling = {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
+        else contextlib.nullcontext()
+    for first in range(start - start % batch_size, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        begun = time.perf_counter()
+        texts, lengths = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling, autocast)
+        seconds = (time.perf_counter() - begun) / len(batch)
+        for offset, (prompt, text, length) in enumerate(zip(batch, texts, lengths)):
+            if first + offset >= start:
+                structure, error, space_group = _parse(text)
+                yield GeneratedSample(first + offset, prompt, text, structure, error, space_group, length, seconds)
+
+
+def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: int, first: int, sampling: dict,
+                  autocast) -> tuple[list[str], list[int]]:
+    """Texts and generated-token counts of one batch. Rows with different constraints get their own processor."""
+    inputs = tokenizer([p.text() for p in batch], return_tensors="pt", padding=True).to(model.device)
+    prompt_length = inputs["input_ids"].shape[1]
+    processors = [_RowGrammars([grammars[p] for p in batch])] if grammars[batch[0]] else []
+    torch.manual_seed(seed * 1_000_003 + first)  # seeds the batch by its position: resumable and reproducible
+    with torch.no_grad(), autocast:
+        out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length, do_sample=True,
+                             logits_processor=LogitsProcessorList(processors), pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+    generated = out[:, prompt_length:]
+    lengths = ((generated != tokenizer.pad_token_id) & (generated != tokenizer.eos_token_id)).sum(dim=1) + 1
+    return tokenizer.batch_decode(out, skip_special_tokens=True), lengths.tolist()
+
+
+class _RowGrammars:
+    """Applies each row's own grammar processor (prompts in one batch may impose different constraints)."""
+
+    def __init__(self, processors: list[CrystalGrammarLogitsProcessor]):
+        self.processors = processors
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if len(set(map(id, self.processors))) == 1:
+            return self.processors[0](input_ids, scores)
+        # Each processor sees its rows always in the same order, so its per-row state cache stays valid.
+        out = torch.empty_like(scores)
+        for processor in dict.fromkeys(self.processors):
+            rows = [i for i, p in enumerate(self.processors) if p is processor]
+            out[rows] = processor(input_ids[rows], scores[rows])
+        return out

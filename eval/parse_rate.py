@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from crystallm import serialization
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.errors import MalformedTextError
-from crystallm.generation import sample_texts
+from crystallm.generation import generate_structures
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.stages import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -33,18 +31,14 @@ def main() -> None:
                "max_atoms": config["max_atoms"]}
     for grammar in (True, False):
         start = time.perf_counter()
-        texts = sample_texts(model, tokenizer, ["data_"] * config["samples"], grammar=grammar,
-                             max_atoms=config["max_atoms"], batch_size=config["batch_size"], seed=config.get("seed", 0))
+        samples = list(generate_structures(model, tokenizer, num=config["samples"], grammar=grammar,
+                                           max_atoms=config["max_atoms"], batch_size=config["batch_size"],
+                                           seed=config.get("seed", 0), bf16=False))
         seconds = time.perf_counter() - start
-        failures = []
-        for text in texts:
-            try:
-                serialization.parse_structure(text)
-            except MalformedTextError as error:
-                failures.append(str(error))
+        failures = [sample.error for sample in samples if sample.error]
         summary["grammar" if grammar else "no_grammar"] = {
-            "parse_rate": 1 - len(failures) / len(texts), "seconds": seconds,
-            "samples_per_second": len(texts) / seconds, "first_failures": failures[:5]}
+            "parse_rate": 1 - len(failures) / len(samples), "seconds": seconds,
+            "samples_per_second": len(samples) / seconds, "first_failures": failures[:5]}
         print(json.dumps(summary, indent=1), flush=True)
     (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
 

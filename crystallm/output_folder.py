@@ -1,0 +1,190 @@
+"""The output folder of `crystallm generate`, written as samples come and resumable.
+
+    samples.jsonl     the journal: one line per finished sample (text, prompt, tokens, seconds); the truth
+    cifs.zip          standard CIFs (pymatgen's CifWriter, symmetrized at symprec 0.1) that VESTA and ASE read
+    structures.extxyz the same structures for ASE
+    summary.csv       one row per sample: formula, stated and detected space group, parse and validity flags
+    summary.json      counts and rates (the `crystallm evaluate` summary) plus generation speed
+    run.json          the settings of the run; `--resume` continues only a run with the same settings
+
+The journal is appended and synced first; the other files are rewritten atomically (a copy is appended to and
+moved into place), so killing the process at any moment leaves every finished structure readable, and a
+resumed run rebuilds them from the journal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+from pymatgen.core import Structure
+
+from crystallm import evaluation, reports, serialization
+from crystallm.errors import CrystaLLMInputError
+from crystallm.generation import GeneratedSample
+
+CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "space_group", "parsed",
+               "structural_valid", "compositional_valid", "valid", "p1", "formula_consistent", "tokens", "seconds",
+               "error")
+
+
+class GenerationFolder:
+    """Open `directory` for a run with `settings` (a JSON-able dict); with `resume`, continue the run already
+    there (its settings must match, except `num`).
+
+    >>> import tempfile
+    >>> folder = GenerationFolder(tempfile.mkdtemp(), {"seed": 0, "num": 2})
+    >>> folder.finished
+    0
+    """
+
+    def __init__(self, directory: str | Path, settings: dict, resume: bool = False):
+        self.directory = Path(directory)
+        self.settings = settings
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise CrystaLLMInputError(f"{self.directory}: cannot write there ({error.strerror or error})") from None
+        self.journal = self.directory / "samples.jsonl"
+        self.records: list[dict] = []
+        self.entries: list[dict] = []
+        if self.journal.exists() and self.journal.stat().st_size:
+            if not resume:
+                raise CrystaLLMInputError(f"{self.directory} already holds a run; pass --resume to continue it "
+                                          f"or choose another --out")
+            self._check_settings()
+            self._rebuild()
+        else:
+            for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
+                (self.directory / name).unlink(missing_ok=True)
+        _replace_bytes(self.directory / "run.json", (json.dumps(settings, indent=2) + "\n").encode())
+
+    @property
+    def finished(self) -> int:
+        """How many samples are on disk."""
+        return len(self.entries)
+
+    def _check_settings(self) -> None:
+        path = self.directory / "run.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        differ = [key for key in set(stored) | set(self.settings)
+                  if key != "num" and stored.get(key) != self.settings.get(key)]
+        if differ:
+            key = sorted(differ)[0]
+            raise CrystaLLMInputError(f"{self.directory}: --resume needs the settings of the run there; {key} was "
+                                      f"{stored.get(key)!r}, now {self.settings.get(key)!r}")
+
+    def _rebuild(self) -> None:
+        """Read the journal (a last line cut by a kill is dropped) and rewrite every other file from it."""
+        lines = self.journal.read_bytes().split(b"\n")
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # an unfinished last line
+        kept = b"".join(line + b"\n" for line in lines[:len(entries)])
+        _replace_bytes(self.journal, kept)
+        for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
+            (self.directory / name).unlink(missing_ok=True)
+        self._append_outputs(entries)
+
+    def write(self, samples: list[GeneratedSample], names: list[str] | None = None) -> None:
+        """Add finished samples: the journal first (synced), then CIFs, extxyz, CSV and the summary."""
+        entries = [{"index": s.index, "name": name, "prompt": s.prompt.describe(), "text": s.text,
+                    "tokens": s.tokens, "seconds": s.seconds}
+                   for s, name in zip(samples, names or [f"sample-{s.index:06d}" for s in samples])]
+        with open(self.journal, "a") as handle:
+            handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._append_outputs(entries)
+
+    def _append_outputs(self, entries: list[dict]) -> None:
+        records = [evaluation.score_entry(evaluation.Entry(e["name"], "text", e["text"])) for e in entries]
+        parsed = [(e, r) for e, r in zip(entries, records) if not r["error"]]
+        structures = {e["name"]: Structure.from_dict(r["structure"]) for e, r in parsed}
+        _append_copy(self.directory / "cifs.zip", lambda path: _add_cifs(path, structures))
+        _append_copy(self.directory / "structures.extxyz", lambda path: _add_frames(path, structures))
+        _append_copy(self.directory / "summary.csv", lambda path: _add_rows(path, entries, records))
+        self.entries += entries
+        self.records += records
+        reports.write_json(self.summary(), self.directory / "summary.json")
+
+    def summary(self) -> dict:
+        """Counts and rates of the samples so far (`evaluation.summarize`) and generation speed."""
+        summary = evaluation.summarize(self.records)
+        seconds = sum(e["seconds"] for e in self.entries)
+        tokens = sum(e["tokens"] for e in self.entries)
+        summary["requested"] = self.settings.get("num")
+        summary["parse_rate"] = summary["scored"] / summary["entries"] if summary["entries"] else None
+        summary["generation"] = {"seconds": seconds, "structures_per_second": len(self.entries) / seconds
+                                 if seconds else None, "tokens_per_second": tokens / seconds if seconds else None,
+                                 "tokens_per_structure": tokens / len(self.entries) if self.entries else None}
+        summary["settings"] = self.settings
+        return summary
+
+
+def _csv_row(entry: dict, record: dict) -> dict:
+    parsed = not record["error"]
+    return {"name": entry["name"], "prompt": entry["prompt"], "formula": record.get("formula", ""),
+            "n_atoms": record.get("n_atoms", ""), "stated_space_group": record.get("stated_space_group", ""),
+            "space_group": record.get("space_group_0_1", ""), "parsed": parsed,
+            "structural_valid": record.get("structural_valid", False),
+            "compositional_valid": record.get("compositional_valid", False), "valid": record.get("valid", False),
+            "p1": record.get("space_group_0_1") == 1 if parsed else "",
+            "formula_consistent": record.get("formula_consistent", ""), "tokens": entry["tokens"],
+            "seconds": round(entry["seconds"], 4), "error": record["error"]}
+
+
+def _add_rows(path: Path, entries: list[dict], records: list[dict]) -> None:
+    new = not path.exists() or not path.stat().st_size
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(_csv_row(e, r) for e, r in zip(entries, records))
+
+
+def _add_cifs(path: Path, structures: dict) -> None:
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, structure in structures.items():
+            archive.writestr(f"{name}.cif", serialization.structure_to_cif(structure))
+
+
+def _add_frames(path: Path, structures: dict) -> None:
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buffer = io.StringIO()
+    for name, structure in structures.items():
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.info["name"] = name
+        write(buffer, atoms, format="extxyz")
+    with open(path, "a") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _append_copy(path: Path, append) -> None:
+    """Append to a copy of `path` and move it into place: the file on disk is always whole."""
+    scratch = path.with_name(path.name + ".partial")
+    if path.exists():
+        shutil.copyfile(path, scratch)
+    else:
+        scratch.unlink(missing_ok=True)
+    append(scratch)
+    os.replace(scratch, path)
+
+
+def _replace_bytes(path: Path, content: bytes) -> None:
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_bytes(content)
+    os.replace(scratch, path)

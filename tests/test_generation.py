@@ -1,0 +1,221 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+from pymatgen.core import Composition, Structure
+
+from crystallm import cli, serialization
+from crystallm.configuration import CrystaLLMConfig
+from crystallm.errors import CheckpointError, CrystaLLMInputError
+from crystallm.generation import Prompt, generate_structures, load_generator, reduced_formula
+from crystallm.modeling import CrystaLLMForCausalLM
+from crystallm.output_folder import GenerationFolder
+from crystallm.tokenization import CrystaLLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained 1-layer model saved as a user's model folder (model + tokenizer)."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = CrystaLLMTokenizer.from_format()
+    torch.manual_seed(0)
+    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256)
+    CrystaLLMForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_generator(tiny_model_dir, device="cpu")
+
+
+def test_formulas_are_reduced_into_the_format_order():
+    assert reduced_formula("Cl4Na4") == {"Na": 1, "Cl": 1}
+    assert serialization.format_formula(reduced_formula("O3TiSr")) == "SrTiO3"
+    for bad, problem in [("Xx2O", "Xx"), ("Na0.5Cl", "whole numbers"), ("", "formula")]:
+        with pytest.raises(CrystaLLMInputError, match=problem):
+            Prompt.of(formula=bad)
+
+
+def test_space_groups_and_chemical_systems_are_checked():
+    assert Prompt.of(space_group="P6_3/mmc").space_group == Prompt.of(space_group=194).space_group == 194
+    for bad in ["Q9", "0", "231"]:
+        with pytest.raises(CrystaLLMInputError, match="space group"):
+            Prompt.of(space_group=bad)
+    with pytest.raises(CrystaLLMInputError, match="unknown element 'Qq'"):
+        Prompt.of(chemical_system="Li-Qq")
+    with pytest.raises(CrystaLLMInputError, match="not in the chemical system"):
+        Prompt.of(formula="LiCoO2", chemical_system="Li-Fe-O")
+
+
+def test_impossible_prompts_are_refused_before_generating(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(CrystaLLMInputError, match="impossible prompt"):
+        Prompt.of(formula="C41H60").grammar(tokenizer, 160, model.config.n_positions)  # more rows than fit
+    with pytest.raises(CrystaLLMInputError, match="impossible prompt"):  # Fm-3m needs Z=4: 12 atoms > 8
+        Prompt.of(formula="NaCl2", space_group="Fm-3m").grammar(tokenizer, 8, model.config.n_positions)
+    Prompt.of(formula="NaCl2", space_group="Fm-3m").grammar(tokenizer, 12, model.config.n_positions)
+
+
+def test_every_sample_parses_fits_the_context_and_obeys_its_prompt(tiny):
+    model, tokenizer = tiny
+    prompts = [Prompt(), Prompt.of(formula="LiFePO4"), Prompt.of(space_group="P6_3/mmc"),
+               Prompt.of(chemical_system="Ba-Ti-O"), Prompt.of(formula="SrTiO3", space_group="Pm-3m")] * 3
+    samples = list(generate_structures(model, tokenizer, prompts, batch_size=5, seed=3, max_atoms=40))
+    assert [s.index for s in samples] == list(range(15))
+    for sample in samples:
+        assert sample.error == "" and sample.structure is not None, sample.text
+        assert len(tokenizer(sample.text)["input_ids"]) < model.config.n_positions
+        crystal = serialization.read_crystal_text(sample.text)
+        prompt = sample.prompt
+        if prompt.formula:
+            assert crystal.formula == dict(prompt.formula)
+            assert sample.structure.composition.reduced_composition == Composition(
+                serialization.format_formula(dict(prompt.formula))).reduced_composition
+        if prompt.space_group:
+            assert crystal.space_group == prompt.space_group
+        if prompt.elements:
+            assert set(crystal.formula) == set(prompt.elements)
+
+
+def test_a_short_context_bounds_the_rows_and_every_text_still_parses(tokenizer=None):
+    tokenizer = CrystaLLMTokenizer.from_format()
+    torch.manual_seed(1)
+    model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
+                                                 n_positions=96)).eval()
+    samples = list(generate_structures(model, tokenizer, num=12, batch_size=12, seed=0, max_atoms=160))
+    assert all(s.structure is not None for s in samples)
+    assert max(len(tokenizer(s.text)["input_ids"]) for s in samples) < 96
+
+
+def test_samples_are_reproducible_and_a_resumed_run_continues_them(tiny):
+    model, tokenizer = tiny
+    full = [s.text for s in generate_structures(model, tokenizer, num=6, batch_size=2, seed=5, max_atoms=24)]
+    resumed = [s.text for s in generate_structures(model, tokenizer, num=6, batch_size=2, seed=5, max_atoms=24,
+                                                   start=4)]
+    assert resumed == full[4:]
+    assert len(set(full)) > 1
+
+
+def test_left_padded_batches_give_the_same_text_as_single_prompts(tiny):
+    model, tokenizer = tiny
+    prompts = ["data_", f"data_SrTiO3\n{serialization.TAG_SPACE_GROUP}"]
+    singles = [tokenizer.decode(model.generate(**tokenizer([p], return_tensors="pt"), max_new_tokens=12,
+                                               do_sample=False, pad_token_id=0)[0], skip_special_tokens=True)
+               for p in prompts]
+    batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=12,
+                           do_sample=False, pad_token_id=0)
+    assert tokenizer.batch_decode(batch, skip_special_tokens=True) == singles
+
+
+def test_a_folder_that_is_not_a_crystallm_model_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointError, match="not a crystallm model"):
+        load_generator(tmp_path / "gpt2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        load_generator(tmp_path / "empty")
+
+
+def _generate(out, model_dir, *extra) -> int:
+    return cli.main(["generate", "--model", str(model_dir), "--out", str(out), "--batch-size", "2",
+                     "--max-atoms", "24", "--quiet", *extra])
+
+
+def _outputs(out) -> tuple[list[dict], list[str], list]:
+    from ase.io import read
+
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    with zipfile.ZipFile(out / "cifs.zip") as archive:
+        cifs = {name: archive.read(name).decode() for name in archive.namelist()}
+    frames = read(out / "structures.extxyz", index=":")
+    return lines, cifs, frames
+
+
+def test_generate_writes_readable_cifs_extxyz_and_summaries_and_resumes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _generate(out, tiny_model_dir, "--num", "4") == 0
+    lines, cifs, frames = _outputs(out)
+    assert [entry["name"] for entry in lines] == [f"sample-{i:06d}" for i in range(4)]
+    assert len(cifs) == len(frames) == 4
+    structure = Structure.from_str(cifs["sample-000000.cif"], fmt="cif")
+    assert structure.composition.reduced_formula == serialization.parse_structure(
+        lines[0]["text"]).composition.reduced_formula
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["entries"] == 4 and summary["parse_rate"] == 1.0 and summary["requested"] == 4
+    assert len((out / "summary.csv").read_text().splitlines()) == 5
+    # Same command again: refused (nothing overwritten); with --resume and a larger --num: continued.
+    assert _generate(out, tiny_model_dir, "--num", "4") == 2
+    assert _generate(out, tiny_model_dir, "--num", "6", "--resume") == 0
+    lines, cifs, frames = _outputs(out)
+    assert [entry["index"] for entry in lines] == list(range(6)) and len(cifs) == len(frames) == 6
+    assert _generate(out, tiny_model_dir, "--num", "6", "--resume", "--seed", "9") == 2  # other settings
+
+
+def test_a_killed_run_keeps_every_finished_structure_and_resume_completes_it(tiny_model_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--out",
+               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "40", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "samples.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 6):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    lines, cifs, frames = _outputs(out)
+    assert 6 <= len(lines) < 40
+    assert set(cifs) <= {f"{entry['name']}.cif" for entry in lines} and len(frames) <= len(lines)
+    for cif in cifs.values():  # every structure on disk reads back
+        assert len(Structure.from_str(cif, fmt="cif")) > 0
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    lines, cifs, frames = _outputs(out)
+    assert [entry["index"] for entry in lines] == list(range(40))
+    assert len(cifs) == len(frames) == 40
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--formula", "Xx2O"], "Xx"),
+    (["--formula", "C41H60"], "impossible prompt"),
+    (["--spacegroup", "Fm-4m"], "unknown space-group symbol"),
+    (["--model", os.devnull], "not a model folder"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(arguments, message, tiny_model_dir, tmp_path, capsys):
+    arguments = ["--model", str(tiny_model_dir), *arguments] if "--model" not in arguments else arguments
+    code = cli.main(["generate", "--out", str(tmp_path / "out"), "--num", "1", "--quiet", *arguments])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out" / "samples.jsonl").exists()
+
+
+def test_an_unwritable_out_is_one_line_and_a_nonzero_exit(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = cli.main(["generate", "--model", str(tiny_model_dir), "--out", str(blocker / "out"), "--num", "1"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and "cannot write there" in error and len(error.splitlines()) == 1
+
+
+def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_write(tiny, tmp_path):
+    model, tokenizer = tiny
+    samples = list(generate_structures(model, tokenizer, num=4, batch_size=2, seed=0, max_atoms=24))
+    folder = GenerationFolder(tmp_path, {"num": 4})
+    folder.write(samples[:2])
+    with open(tmp_path / "samples.jsonl", "a") as journal:
+        journal.write('{"index": 2, "na')  # killed mid-line
+    (tmp_path / "cifs.zip").write_bytes(b"PK\x03\x04 torn")
+    resumed = GenerationFolder(tmp_path, {"num": 4}, resume=True)
+    assert resumed.finished == 2
+    resumed.write(samples[2:])
+    with zipfile.ZipFile(tmp_path / "cifs.zip") as archive:
+        assert len(archive.namelist()) == 4
