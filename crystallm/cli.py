@@ -136,33 +136,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate crystals into an output folder (see `crystallm.output_folder`), resumable, with a progress bar."""
-    from tqdm import tqdm
-
     from crystallm import generation, reports
-    from crystallm.output_folder import GenerationFolder
+    from crystallm.output_folder import GenerationFolder, generate_into
 
     args.max_atoms = args.max_atoms or generation.DEFAULT_MAX_ATOMS
     prompt = generation.Prompt.of(args.formula, args.spacegroup, args.chemical_system)
     model, tokenizer = generation.load_generator(args.model, args.device)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
+    sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "max_atoms": args.max_atoms, "bf16": not args.fp32}
     settings = {"model": str(args.model or "default"), "prompt": prompt.describe(), "num": args.num,
-                "batch_size": args.batch_size, "seed": args.seed, "temperature": args.temperature,
-                "top_k": args.top_k, "top_p": args.top_p, "max_atoms": args.max_atoms, "bf16": not args.fp32,
-                "format_version": serialization.FORMAT_VERSION}
+                "batch_size": args.batch_size, **sampling, "format_version": serialization.FORMAT_VERSION}
     folder = GenerationFolder(args.out, settings, resume=args.resume)
-    samples = generation.generate_structures(
-        model, tokenizer, prompt, num=args.num, batch_size=args.batch_size, seed=args.seed,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_atoms=args.max_atoms,
-        start=folder.finished, bf16=not args.fp32)
-    with tqdm(total=args.num, initial=min(folder.finished, args.num), desc="generating", unit=" structures",
-              disable=args.quiet) as progress:
-        batch = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == args.batch_size or sample.index == args.num - 1:
-                folder.write(batch)
-                progress.update(len(batch))
-                batch = []
+    generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
+                  progress=not args.quiet, **sampling)
     summary = folder.summary()
     speed = summary["generation"]
     print(reports.markdown_table(summary))

@@ -261,6 +261,33 @@ def csp_targets(name: str) -> str:
     return name.split("__")[0]
 
 
+def read_ids(path: str | Path) -> list[str]:
+    """Ids of a fixed benchmark subset, one a line (`../shared/benchmarks/*.txt`)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def csp_prompts(split: str, ids_file: str | Path, attempts: int) -> tuple[list, list[str]]:
+    """CSP prompts (each target's reduced formula, `attempts` times) and their entry names '<id>__<k>'.
+
+    >>> prompts, names = csp_prompts("mp20-bt/test", "../shared/benchmarks/mp20bt-test-csp200.txt", 2)
+    >>> len(prompts), names[:2], prompts[0] == prompts[1]
+    (400, ['mp-1095419__0', 'mp-1095419__1'], True)
+    """
+    from crystallm.generation import Prompt
+
+    benchmark, _, part = split.partition("/")
+    dataset = data.load_split(benchmark, part)
+    cif_of = dict(zip(dataset["id"], dataset["cif"]))
+    prompts, names = [], []
+    for target in read_ids(ids_file):
+        if target not in cif_of:
+            raise CrystaLLMInputError(f"{ids_file}: id {target!r} is not in {split}")
+        formula = serialization.structure_from_cif(cif_of[target], target).composition.reduced_formula
+        prompts += [Prompt.of(formula=formula)] * attempts
+        names += [f"{target}__{k}" for k in range(attempts)]
+    return prompts, names
+
+
 def evaluate_csp(records: list[dict], targets: list[dict], attempts: tuple[int, ...] = (1, 20)) -> dict:
     """CSP match rate and mean RMS at each n in `attempts`. Predictions are grouped by target id (entry names
     '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched."""
@@ -332,7 +359,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     if csp:
         targets = collection(csp)
         if csp_ids:
-            wanted = [line.strip() for line in Path(csp_ids).read_text().splitlines() if line.strip()]
+            wanted = read_ids(csp_ids)
             by_name = {t["name"]: t for t in targets}
             missing = [name for name in wanted if name not in by_name]
             if missing:

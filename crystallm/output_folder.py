@@ -26,7 +26,7 @@ from pymatgen.core import Structure
 
 from crystallm import evaluation, reports, serialization
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation import GeneratedSample
+from crystallm.generation import GeneratedSample, Prompt, generate_structures
 
 CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "space_group", "parsed",
                "structural_valid", "compositional_valid", "valid", "p1", "formula_consistent", "tokens", "seconds",
@@ -188,3 +188,33 @@ def _replace_bytes(path: Path, content: bytes) -> None:
     scratch = path.with_name(path.name + ".partial")
     scratch.write_bytes(content)
     os.replace(scratch, path)
+
+
+def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
+                  names: list[str] | None = None, batch_size: int = 32, progress: bool = True,
+                  **sampling) -> GenerationFolder:
+    """Generate the samples the folder does not hold yet (see `generate_structures` for the arguments), writing
+    each batch as it finishes, with a progress bar in structures/s.
+
+    >>> import tempfile
+    >>> from crystallm.generation import load_generator
+    >>> model, tokenizer = load_generator()
+    >>> folder = generate_into(GenerationFolder(tempfile.mkdtemp(), {"num": 2}), model, tokenizer, None, num=2,
+    ...                        progress=False)
+    >>> folder.finished, folder.summary()["parse_rate"]
+    (2, 1.0)
+    """
+    from tqdm import tqdm
+
+    samples = generate_structures(model, tokenizer, prompts, num=num, batch_size=batch_size, start=folder.finished,
+                                  **sampling)
+    with tqdm(total=num, initial=min(folder.finished, num), desc="generating", unit=" structures",
+              disable=not progress) as bar:
+        batch: list[GeneratedSample] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size or sample.index == num - 1:
+                folder.write(batch, [names[s.index] for s in batch] if names else None)
+                bar.update(len(batch))
+                batch = []
+    return folder

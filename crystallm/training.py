@@ -91,7 +91,8 @@ def pretrain(config: dict) -> Path:
     `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit).
 
     Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
-    line per step: losses, learning rate, tokens/s; held-out losses every `eval_every` steps) and `train_state.json`.
+    line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations;
+    held-out losses every `eval_every` steps) and `train_state.json`.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -133,10 +134,11 @@ def pretrain(config: dict) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state_path, checkpoint = out / "train_state.json", out / "checkpoint"
-    step = 0
+    step, tokens_before, seconds_before = 0, 0, 0.0  # totals of earlier invocations, for the model card
     if checkpoint.exists() and state_path.exists():
         accelerator.load_state(str(checkpoint))
-        step = json.loads(state_path.read_text())["step"]
+        saved = json.loads(state_path.read_text())
+        step, tokens_before, seconds_before = saved["step"], saved["tokens_seen"], saved["train_seconds"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -166,9 +168,11 @@ def pretrain(config: dict) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            elapsed = time.perf_counter() - started
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                    **{f"train_{k}": float(v.detach()) for k, v in losses.items()},
-                   "tokens_per_s": tokens / (time.perf_counter() - started)}
+                   "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens,
+                   "train_seconds": seconds_before + elapsed}
             if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
                 row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
             progress.update(1)
@@ -180,7 +184,8 @@ def pretrain(config: dict) -> Path:
             if step % int(config.get("save_every", 200)) == 0 or step == max_steps or stop_here:
                 accelerator.save_state(str(checkpoint))
                 if accelerator.is_main_process:
-                    state_path.write_text(json.dumps({"step": step, "tokens_seen_this_run": tokens}))
+                    state_path.write_text(json.dumps({key: row[key] for key in
+                                                      ("step", "tokens_seen", "train_seconds")}))
             if step >= max_steps or stop_here:
                 break
         if stop_here:

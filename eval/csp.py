@@ -1,0 +1,39 @@
+"""Stage: crystal structure prediction on a fixed subset (DESIGN.md section 5): generate `attempts` structures
+for each target formula, then match them to the targets.
+
+    python eval/csp.py configs/eval-mp20bt-csp200-default.yaml
+
+`model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
+`crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.
+"""
+
+from pathlib import Path
+
+from crystallm import evaluation, reports
+from crystallm.generation import load_generator
+from crystallm.output_folder import GenerationFolder, generate_into
+from crystallm.stages import read_stage_config
+
+
+def main() -> None:
+    config = read_stage_config(__doc__)
+    out = Path(config["output_dir"])
+    attempts = int(config["attempts"])
+    prompts, names = evaluation.csp_prompts(config["targets"], config["ids"], attempts)
+    model, tokenizer = load_generator(config.get("model"))
+    sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
+                "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k")}
+    settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
+                "attempts": attempts, **sampling, "num": len(prompts)}
+    folder = GenerationFolder(out / "generated", settings, resume=True)
+    generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
+    summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=config["ids"],
+                                  attempts=(attempts,), records_path=out / "records.jsonl")
+    summary["generation"] = folder.summary()["generation"]
+    reports.write_json(summary, out / "summary.json")
+    reports.write_markdown(summary, out / "summary.md")
+    print(reports.markdown_table(summary))
+
+
+if __name__ == "__main__":
+    main()
