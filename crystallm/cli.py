@@ -148,14 +148,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model or "default"), "prompt": prompt.describe(), "num": args.num,
                 "batch_size": args.batch_size, **sampling, "format_version": serialization.FORMAT_VERSION}
     folder = GenerationFolder(args.out, settings, resume=args.resume)
-    generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
-                  progress=not args.quiet, **sampling)
-    summary = folder.summary()
-    speed = summary["generation"]
+    summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
+                            progress=not args.quiet, **sampling)
     print(reports.markdown_table(summary))
-    if speed["seconds"]:
-        print(f"| parse rate | {summary['parse_rate']:.4f} |\n| structures/s | {speed['structures_per_second']:.2f} |"
-              f"\n| tokens/s | {speed['tokens_per_second']:.0f} |")
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
     return 0
@@ -231,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line
+    logging.set_verbosity_error()  # e.g. a padding notice about rows that finished early, which generate ignores
     try:
         return args.run(args)
     except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line, no traceback

@@ -192,11 +192,12 @@ def _reason(record: dict) -> str:
 
 
 def summarize(records: list[dict], reference: list[dict] | None = None, test: list[dict] | None = None,
-              coverage_cutoffs: dict[str, float] | None = None) -> dict:
+              coverage_cutoffs: dict[str, float] | None = None, uniqueness: bool = True) -> dict:
     """Set-level metrics of scored records (see README for every key).
 
     Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
     valid structures; novelty is over unique valid structures against `reference` (the training set).
+    `uniqueness=False` leaves out the pairwise matching (for summaries rewritten while a run goes on).
     """
     scored = [r for r in records if not r["error"]]
     valid = [r for r in scored if r["valid"]]
@@ -227,9 +228,10 @@ def summarize(records: list[dict], reference: list[dict] | None = None, test: li
             if scored and "bond_length_score" in scored[0] else None,
         },
     }
-    structures = [Structure.from_dict(r["structure"]) for r in valid]
-    unique = matching.unique_mask(structures)
-    summary["uniqueness"] = sum(unique) / len(valid) if valid else None
+    if uniqueness or reference is not None:
+        structures = [Structure.from_dict(r["structure"]) for r in valid]
+        unique = matching.unique_mask(structures)
+        summary["uniqueness"] = sum(unique) / len(valid) if valid else None
     if reference is not None:
         reference_structures = [Structure.from_dict(r["structure"]) for r in reference]
         unique_structures = [s for s, u in zip(structures, unique) if u]

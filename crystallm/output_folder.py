@@ -1,10 +1,11 @@
 """The output folder of `crystallm generate`, written as samples come and resumable.
 
     samples.jsonl     the journal: one line per finished sample (text, prompt, tokens, seconds); the truth
-    cifs.zip          standard CIFs (pymatgen's CifWriter, symmetrized at symprec 0.1) that VESTA and ASE read
+    cifs.zip          standard CIFs (pymatgen's CifWriter, P1 setting of the conventional cell): VESTA, ASE read them
     structures.extxyz the same structures for ASE
     summary.csv       one row per sample: formula, stated and detected space group, parse and validity flags
-    summary.json      counts and rates (the `crystallm evaluate` summary) plus generation speed
+    summary.json      counts and rates (the `crystallm evaluate` summary) plus generation speed; uniqueness
+                      (pairwise matching) is added when the run ends
     run.json          the settings of the run; `--resume` continues only a run with the same settings
 
 The journal is appended and synced first; the other files are rewritten atomically (a copy is appended to and
@@ -117,11 +118,17 @@ class GenerationFolder:
         _append_copy(self.directory / "summary.csv", lambda path: _add_rows(path, entries, records))
         self.entries += entries
         self.records += records
-        reports.write_json(self.summary(), self.directory / "summary.json")
+        reports.write_json(self.summary(uniqueness=False), self.directory / "summary.json")
 
-    def summary(self) -> dict:
+    def finish(self) -> dict:
+        """The complete summary (uniqueness included), written to summary.json and returned."""
+        summary = self.summary()
+        reports.write_json(summary, self.directory / "summary.json")
+        return summary
+
+    def summary(self, uniqueness: bool = True) -> dict:
         """Counts and rates of the samples so far (`evaluation.summarize`) and generation speed."""
-        summary = evaluation.summarize(self.records)
+        summary = evaluation.summarize(self.records, uniqueness=uniqueness)
         seconds = sum(e["seconds"] for e in self.entries)
         tokens = sum(e["tokens"] for e in self.entries)
         summary["requested"] = self.settings.get("num")
@@ -157,7 +164,9 @@ def _add_rows(path: Path, entries: list[dict], records: list[dict]) -> None:
 def _add_cifs(path: Path, structures: dict) -> None:
     with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, structure in structures.items():
-            archive.writestr(f"{name}.cif", serialization.structure_to_cif(structure))
+            # P1 CIFs: pymatgen's symmetrized writer costs ~26 ms a structure (more than generating it); the
+            # detected space group is in summary.csv, and `crystallm to-cif` writes a symmetrized CIF.
+            archive.writestr(f"{name}.cif", serialization.structure_to_cif(structure, symprec=None))
 
 
 def _add_frames(path: Path, structures: dict) -> None:
@@ -192,16 +201,16 @@ def _replace_bytes(path: Path, content: bytes) -> None:
 
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
                   names: list[str] | None = None, batch_size: int = 32, progress: bool = True,
-                  **sampling) -> GenerationFolder:
+                  **sampling) -> dict:
     """Generate the samples the folder does not hold yet (see `generate_structures` for the arguments), writing
-    each batch as it finishes, with a progress bar in structures/s.
+    each batch as it finishes, with a progress bar in structures/s; returns the complete summary.
 
     >>> import tempfile
     >>> from crystallm.generation import load_generator
     >>> model, tokenizer = load_generator()
-    >>> folder = generate_into(GenerationFolder(tempfile.mkdtemp(), {"num": 2}), model, tokenizer, None, num=2,
-    ...                        progress=False)
-    >>> folder.finished, folder.summary()["parse_rate"]
+    >>> summary = generate_into(GenerationFolder(tempfile.mkdtemp(), {"num": 2}), model, tokenizer, None, num=2,
+    ...                         progress=False)
+    >>> summary["entries"], summary["parse_rate"]
     (2, 1.0)
     """
     from tqdm import tqdm
@@ -217,4 +226,4 @@ def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | 
                 folder.write(batch, [names[s.index] for s in batch] if names else None)
                 bar.update(len(batch))
                 batch = []
-    return folder
+    return folder.finish()

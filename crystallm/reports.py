@@ -19,6 +19,8 @@ def write_json(summary: dict, path: str | Path) -> None:
 def markdown_table(summary: dict) -> str:
     """The headline numbers of a summary as a Markdown table (also printed by `crystallm evaluate`)."""
     rows = [("entries", summary["entries"]), ("unreadable", summary["unreadable"])]
+    if summary.get("parse_rate") is not None:
+        rows.append(("parse rate", summary["parse_rate"]))
     rows += [(f"validity: {key}", value) for key, value in summary["validity"].items()]
     for precision, stats in summary["symmetry"].items():
         rows.append((f"P1 fraction ({precision})", stats["p1_fraction"]))
@@ -38,6 +40,9 @@ def markdown_table(summary: dict) -> str:
                     rows.append((f"{group} {key}: {inner}", number))
             else:
                 rows.append((f"{group}: {key}", value))
+    for key, value in (summary.get("generation") or {}).items():
+        if value is not None and key != "seconds":
+            rows.append((f"generation: {key.replace('_', ' ')}", value))
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in rows]

@@ -26,10 +26,10 @@ def main() -> None:
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
                 "attempts": attempts, **sampling, "num": len(prompts)}
     folder = GenerationFolder(out / "generated", settings, resume=True)
-    generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
+    generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
     summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=config["ids"],
                                   attempts=(attempts,), records_path=out / "records.jsonl")
-    summary["generation"] = folder.summary()["generation"]
+    summary["generation"] = generation["generation"]
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")
     print(reports.markdown_table(summary))

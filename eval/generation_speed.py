@@ -1,0 +1,32 @@
+"""Stage: generation speed of a model (DESIGN.md section 5, Speed): structures/s and tokens/s at each batch
+size, the median of several runs.
+
+    python eval/generation_speed.py configs/eval-generation-speed-default.yaml
+"""
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from crystallm.generation import load_generator, measure_speed
+from crystallm.stages import read_stage_config
+
+
+def main() -> None:
+    config = read_stage_config(__doc__)
+    model, tokenizer = load_generator(config.get("model"))
+    summary = {"model": config.get("model") or "default", "machine": f"{platform.machine()}, "
+               f"{torch.get_num_threads()} torch threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
+               "bf16": config.get("bf16", True), "results": []}
+    for batch_size, num in config["batches"].items():
+        result = measure_speed(model, tokenizer, int(batch_size), int(num), config.get("repeats", 3),
+                               bf16=config.get("bf16", True))
+        summary["results"].append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+    (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
