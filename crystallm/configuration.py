@@ -9,7 +9,8 @@ class CrystaLLMConfig(GPT2Config):
     """Hyperparameters of a crystallm GPT, saved as `config.json` next to the weights.
 
     Dropout defaults to 0: on CPU, attention dropout makes SDPA fall back to its slow path (2-3x slower).
-    The three pretraining objectives have a weight each; a weight of 0 switches that objective off.
+    The three pretraining objectives have a weight each; a weight of 0 switches that objective off. `refiner`
+    (a dict of `crystallm.diffusion.CrystalRefiner` arguments, or None) adds the continuous refinement head.
 
     >>> config = CrystaLLMConfig(n_layer=2, n_embd=64, n_head=4)
     >>> config.model_type, config.n_layer, config.attn_pdrop
@@ -22,7 +23,7 @@ class CrystaLLMConfig(GPT2Config):
                  n_head: int = 8, clm_weight: float = 1.0, masked_atom_weight: float = 0.0,
                  contrastive_weight: float = 0.0, mask_probability: float = 0.3, contrastive_dim: int = 128,
                  contrastive_temperature: float = 0.1, bos_token_id: int = 1, eos_token_id: int = 2,
-                 pad_token_id: int = 0, mask_token_id: int = 4, **kwargs):
+                 pad_token_id: int = 0, mask_token_id: int = 4, refiner: dict | None = None, **kwargs):
         for dropout in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             kwargs.setdefault(dropout, 0.0)
         self.clm_weight = clm_weight
@@ -32,6 +33,7 @@ class CrystaLLMConfig(GPT2Config):
         self.contrastive_dim = contrastive_dim
         self.contrastive_temperature = contrastive_temperature
         self.mask_token_id = mask_token_id
+        self.refiner = refiner
         super().__init__(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                          n_head=n_head, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, **kwargs)

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from crystallm.configuration import CrystaLLMConfig
+from crystallm.diffusion import CrystalRefiner
 
 
 class CrystaLLMForCausalLM(GPT2LMHeadModel):
@@ -35,6 +36,8 @@ class CrystaLLMForCausalLM(GPT2LMHeadModel):
     def __init__(self, config: CrystaLLMConfig):
         super().__init__(config)
         self.contrastive_projection = nn.Linear(config.n_embd, config.contrastive_dim, bias=False)
+        # The continuous refinement head (crystallm/diffusion.py), saved with the model when the config has one.
+        self.refiner = CrystalRefiner(config.n_embd, **config.refiner) if config.refiner else None
         self.post_init()
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
