@@ -214,3 +214,81 @@ def evaluate_losses(accelerator, model, collator: PretrainingCollator, texts: li
             totals.setdefault(f"eval_{name}", []).append(float(value))
     model.train()
     return {name: float(np.mean(values)) if values else math.nan for name, values in totals.items()}
+
+
+def train_refiner(config: dict) -> Path:
+    """Train the continuous refinement head (`crystallm.diffusion`) of a saved model with the GPT frozen, as a
+    configs/refiner-*.yaml says, and save the model with its head to `output_dir`. The held-out rows are those
+    of `pretrain` with the same seed. Logs the denoising loss, and every `eval_every` steps the mean error of the
+    values the LM samples and of the refined ones on held-out texts (normalized units, per kind).
+    """
+    from crystallm import data, diffusion
+    from crystallm.generation import load_generator
+    from crystallm.grammar import CrystalGrammarLogitsProcessor
+
+    out = Path(config["output_dir"])
+    seed = int(config.get("seed", 0))
+    generator = torch.Generator().manual_seed(seed)
+    model, tokenizer = load_generator(config.get("model"), device="cpu")
+    model.config.refiner = dict(config["refiner"])
+    model.refiner = diffusion.CrystalRefiner(model.config.n_embd, **config["refiner"])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("refiner.")
+    texts = data.load_texts(config["corpus"])["text"]
+    holdout = np.random.default_rng(seed).permutation(len(texts))[: int(config.get("eval_rows", 512))]
+    held = set(holdout.tolist())
+    eval_texts = [texts[i] for i in holdout]
+    train_texts = [text for i, text in enumerate(texts) if i not in held]
+    vocabulary = CrystalGrammarLogitsProcessor(tokenizer)
+    optimizer = torch.optim.AdamW(model.refiner.parameters(), lr=float(config["learning_rate"]), weight_decay=0.01)
+    sigma_range = tuple(config["sigma_range"])
+    lengths = np.array([len(text) for text in train_texts])
+    batches = []  # length-grouped, as in pretraining: little padding in the frozen GPT's forward pass
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(out / "refiner_log.jsonl", "w") as log:
+        for step in tqdm(range(1, int(config["max_steps"]) + 1), desc="refiner", unit=" steps"):
+            if not batches:
+                batches = epoch_batches(lengths, int(config["batch_size"]), step, seed)
+            batch_texts = [train_texts[i] for i in batches.pop()]
+            batch = diffusion.slot_batch(model, tokenizer, batch_texts, lm_coarse=True, generator=generator,
+                                         vocabulary=vocabulary)
+            model.refiner.train()
+            loss = model.refiner.loss(batch.hidden, batch.kinds, batch.coarse, batch.clean, batch.mask, sigma_range,
+                                      generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            row = {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - started}
+            if step % int(config.get("eval_every", 200)) == 0 or step == int(config["max_steps"]):
+                row.update(refinement_errors(model, tokenizer, eval_texts, vocabulary, config, generator))
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def refinement_errors(model, tokenizer, texts: list[str], vocabulary, config: dict,
+                      generator: torch.Generator) -> dict[str, float]:
+    """Mean absolute error (normalized units) per kind of the values the LM samples and of the refined ones."""
+    from crystallm import diffusion
+
+    model.refiner.eval()
+    errors: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for start in range(0, len(texts), 64):
+        batch = diffusion.slot_batch(model, tokenizer, texts[start:start + 64], lm_coarse=True, generator=generator,
+                                     vocabulary=vocabulary)
+        refined = model.refiner.refine(batch.hidden, batch.kinds, batch.coarse, batch.mask,
+                                       float(config["sigma_start"]), int(config["steps"]), generator)
+        scale = diffusion.SCALES[batch.kinds]
+        for kind, label in enumerate(("length", "angle", "coordinate")):
+            selected = batch.mask & (batch.kinds == kind)
+            counts[label] = counts.get(label, 0.0) + float(selected.sum())
+            for name, values in (("lm", batch.coarse), ("refined", refined)):
+                error = diffusion.periodic_difference(values - batch.clean, batch.kinds).abs() / scale
+                key = f"eval_{name}_{label}"
+                errors[key] = errors.get(key, 0.0) + float(error[selected].sum())
+    return {key: total / max(1.0, counts[key.rsplit("_", 1)[1]]) for key, total in errors.items()}
