@@ -144,7 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = generation.load_generator(args.model, args.device)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "max_atoms": args.max_atoms, "bf16": not args.fp32}
+                "max_atoms": args.max_atoms, "bf16": not args.fp32, "refine": args.refine,
+                "symmetrize": args.symmetrize}
     settings = {"model": str(args.model or "default"), "prompt": prompt.describe(), "num": args.num,
                 "batch_size": args.batch_size, **sampling, "format_version": serialization.FORMAT_VERSION}
     folder = GenerationFolder(args.out, settings, resume=args.resume)
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--max-atoms", type=int, help="atoms in the conventional cell, at most (default 160)")
+    generate.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                          help="refine lattice and coordinates with the model's diffusion head (default: on when "
+                               "the model has one)")
+    generate.add_argument("--symmetrize", action="store_true", help="snap each structure to the symmetry spglib "
+                                                                     "finds (symprec 0.1)")
     generate.add_argument("--resume", action="store_true", help="continue the run in --out")
     generate.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     generate.add_argument("--fp32", action="store_true", help="no bf16 autocast on CPU (slower)")

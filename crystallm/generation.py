@@ -145,8 +145,10 @@ class Prompt:
 
 @dataclass
 class GeneratedSample:
-    """One generated crystal: its text, the parsed structure (None with `error` set if it did not parse), the
-    space group spglib detects at symprec 0.1, and its share of the batch's wall time."""
+    """One generated crystal: the text the LM wrote, the structure (None with `error` set if the text did not
+    parse; refined and symmetrized where asked), the space group spglib detects at symprec 0.1, the tokens
+    generated, its share of the batch's wall time, and `final_text`: the text of the structure after refinement
+    or symmetrization ('' when that is the LM's own text)."""
 
     index: int
     prompt: Prompt
@@ -156,6 +158,13 @@ class GeneratedSample:
     space_group: int | None
     tokens: int
     seconds: float
+    final_text: str = ""
+    refine_seconds: float = 0.0
+
+    @property
+    def output_text(self) -> str:
+        """The text of the structure as finally produced."""
+        return self.final_text or self.text
 
 
 def load_generator(model: str | Path | None = None, device: str | None = None):
@@ -177,28 +186,57 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
     return loaded.to(device).eval(), tokenizer
 
 
-def _parse(text: str) -> tuple[Structure | None, str, int | None]:
+def _parse(text: str) -> tuple[Structure | None, str]:
     try:
-        structure = serialization.parse_structure(text)
+        return serialization.parse_structure(text), ""
     except CrystaLLMInputError as error:
-        return None, f"{type(error).__name__}: {error}", None
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _space_group(structure: Structure | None) -> int | None:
     try:
-        space_group = symmetry.detect_space_group(structure, symmetry.DEFAULT_SYMPREC)
+        return symmetry.detect_space_group(structure, symmetry.DEFAULT_SYMPREC) if structure else None
     except Exception:  # spglib fails on pathological cells; the record then says "none found"
-        space_group = None
-    return structure, "", space_group
+        return None
+
+
+def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symmetrize: bool,
+            generator: torch.Generator) -> None:
+    """Refine (the model's continuous head) and symmetrize (spglib) the parsed samples of a batch, in place."""
+    from crystallm.diffusion import refine_texts
+
+    parsed = [s for s in samples if s.structure is not None]
+    if refine and parsed:
+        begun = time.perf_counter()
+        crystals = refine_texts(model, tokenizer, [s.text for s in parsed], generator)
+        for sample, crystal in zip(parsed, crystals):
+            sample.final_text = serialization.format_crystal_text(crystal)
+            sample.structure = serialization.crystal_text_to_structure(crystal)
+            sample.refine_seconds = (time.perf_counter() - begun) / len(parsed)
+    if symmetrize:
+        for sample in parsed:
+            try:
+                sample.structure = symmetry.symmetrize_structure(sample.structure)
+                sample.final_text = serialization.serialize_structure(sample.structure)
+            except CrystaLLMInputError:  # no symmetric description: keep the structure as it is
+                pass
+    for sample in samples:
+        sample.space_group = _space_group(sample.structure)
 
 
 def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | None = None, num: int | None = None,
                         batch_size: int = 32, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS, start: int = 0,
-                        bf16: bool = True, grammar: bool = True) -> Iterator[GeneratedSample]:
+                        bf16: bool = True, grammar: bool = True, refine: bool | None = None,
+                        symmetrize: bool = False) -> Iterator[GeneratedSample]:
     """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
 
     `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
     reproducible: each batch is seeded from `seed` and its first index, so `start` (skip the first samples, to
     resume) gives the same samples as an uninterrupted run with the same batch size. `bf16` autocasts on CPU
     (faster there); the grammar guarantees every text parses (`grammar=False` only to measure what it buys).
+    `refine` (default: when the model has a refinement head) replaces the written lattice and coordinates by the
+    head's continuous values; `symmetrize` snaps each structure to the symmetry spglib finds at symprec 0.1.
 
     >>> model, tokenizer = load_generator()
     >>> samples = list(generate_structures(model, tokenizer, num=2, seed=1))
@@ -210,6 +248,9 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
             raise ValueError("give num with a single prompt")
         prompts = [prompts or Prompt()] * num
     prompts = list(prompts)
+    refine = getattr(model, "refiner", None) is not None if refine is None else refine
+    if refine and getattr(model, "refiner", None) is None:
+        raise CrystaLLMInputError("this model has no refinement head (train one with train/refiner.py)")
     max_length = model.config.n_positions
     grammars = {p: p.grammar(tokenizer, max_atoms, max_length) if grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
@@ -221,10 +262,11 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
         begun = time.perf_counter()
         texts, lengths = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling, autocast)
         seconds = (time.perf_counter() - begun) / len(batch)
-        for offset, (prompt, text, length) in enumerate(zip(batch, texts, lengths)):
-            if first + offset >= start:
-                structure, error, space_group = _parse(text)
-                yield GeneratedSample(first + offset, prompt, text, structure, error, space_group, length, seconds)
+        samples = [GeneratedSample(first + offset, prompt, text, *_parse(text), None, length, seconds)
+                   for offset, (prompt, text, length) in enumerate(zip(batch, texts, lengths))
+                   if first + offset >= start]
+        _finish(model, tokenizer, samples, refine, symmetrize, torch.Generator().manual_seed(seed * 1_000_003 + first))
+        yield from samples
 
 
 def measure_speed(model, tokenizer, batch_size: int, num: int, repeats: int = 3, **sampling) -> dict:

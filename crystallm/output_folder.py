@@ -1,6 +1,7 @@
 """The output folder of `crystallm generate`, written as samples come and resumable.
 
-    samples.jsonl     the journal: one line per finished sample (text, prompt, tokens, seconds); the truth
+    samples.jsonl     the journal: one line per finished sample (final text, the LM's text if refinement or
+                      symmetrization changed it, prompt, tokens, seconds); the truth
     cifs.zip          standard CIFs (pymatgen's CifWriter, P1 setting of the conventional cell): VESTA, ASE read them
     structures.extxyz the same structures for ASE
     summary.csv       one row per sample: formula, stated and detected space group, parse and validity flags
@@ -100,8 +101,9 @@ class GenerationFolder:
 
     def write(self, samples: list[GeneratedSample], names: list[str] | None = None) -> None:
         """Add finished samples: the journal first (synced), then CIFs, extxyz, CSV and the summary."""
-        entries = [{"index": s.index, "name": name, "prompt": s.prompt.describe(), "text": s.text,
+        entries = [{"index": s.index, "name": name, "prompt": s.prompt.describe(), "text": s.output_text,
                     "tokens": s.tokens, "seconds": s.seconds}
+                   | ({"lm_text": s.text, "refine_seconds": s.refine_seconds} if s.final_text else {})
                    for s, name in zip(samples, names or [f"sample-{s.index:06d}" for s in samples])]
         with open(self.journal, "a") as handle:
             handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
@@ -133,7 +135,9 @@ class GenerationFolder:
         tokens = sum(e["tokens"] for e in self.entries)
         summary["requested"] = self.settings.get("num")
         summary["parse_rate"] = summary["scored"] / summary["entries"] if summary["entries"] else None
-        summary["generation"] = {"seconds": seconds, "structures_per_second": len(self.entries) / seconds
+        summary["generation"] = {"seconds": seconds, "refine_seconds": sum(e.get("refine_seconds", 0.0)
+                                                                         for e in self.entries),
+                                 "structures_per_second": len(self.entries) / seconds
                                  if seconds else None, "tokens_per_second": tokens / seconds if seconds else None,
                                  "tokens_per_structure": tokens / len(self.entries) if self.entries else None}
         summary["settings"] = self.settings

@@ -22,7 +22,8 @@ def main() -> None:
     prompts, names = evaluation.csp_prompts(config["targets"], config["ids"], attempts)
     model, tokenizer = load_generator(config.get("model"))
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
-                "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k")}
+                "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
+                "refine": config.get("refine", False)}
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
                 "attempts": attempts, **sampling, "num": len(prompts)}
     folder = GenerationFolder(out / "generated", settings, resume=True)
