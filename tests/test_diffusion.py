@@ -77,3 +77,23 @@ def test_refine_needs_a_head(tokenizer):
     model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(CrystaLLMInputError, match="no refinement head"):
         next(generate_structures(model, tokenizer, num=1, refine=True))
+
+
+def test_train_refiner_saves_a_model_with_its_head_and_logs_value_errors(tmp_path, tokenizer):
+    import json
+
+    from crystallm.training import train_refiner
+
+    base = tmp_path / "base"
+    CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = train_refiner({"model": str(base), "corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(tmp_path / "r"),
+                         "eval_rows": 16, "seed": 0, "refiner": {"width": 16, "layers": 1, "heads": 2},
+                         "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2,
+                         "sigma_range": [0.05, 4.0], "sigma_start": 1.0, "steps": 2})
+    rows = [json.loads(line) for line in (out / "refiner_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_refined_coordinate" in rows[1]
+    loaded = load_model(out)
+    assert loaded.refiner is not None and loaded.config.refiner["width"] == 16
+    base_weights = load_model(base).state_dict()
+    assert all(torch.equal(base_weights[k], v) for k, v in loaded.state_dict().items() if not k.startswith("refiner."))
