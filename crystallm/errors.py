@@ -21,5 +21,9 @@ class WyckoffLocationError(InvalidStructureError):
     """An atom of a standardized cell lies on no Wyckoff position of the needed multiplicity."""
 
 
+class OutputWriteError(OSError):
+    """An output could not be written (full disk, permissions); everything finished before is kept."""
+
+
 class CheckpointError(CrystaLLMInputError):
     """A model checkpoint is missing, corrupt, or does not fit the model."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from pymatgen.core import Structure
 
 from crystallm import evaluation, reports, serialization
-from crystallm.errors import CrystaLLMInputError
+from crystallm.errors import CrystaLLMInputError, OutputWriteError
 from crystallm.generation import GeneratedSample, Prompt, generate_structures
 
 CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "space_group", "parsed",
@@ -105,11 +105,16 @@ class GenerationFolder:
                     "tokens": s.tokens, "seconds": s.seconds}
                    | ({"lm_text": s.text, "refine_seconds": s.refine_seconds} if s.final_text else {})
                    for s, name in zip(samples, names or [f"sample-{s.index:06d}" for s in samples])]
-        with open(self.journal, "a") as handle:
-            handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._append_outputs(entries)
+        try:
+            with open(self.journal, "a") as handle:
+                handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._append_outputs(entries)
+        except OSError as error:
+            raise OutputWriteError(f"{self.directory}: cannot write ({error.strerror or error}); the "
+                                   f"{self.finished} structures finished before are kept there: free space and run "
+                                   f"again with --resume") from error
 
     def _append_outputs(self, entries: list[dict]) -> None:
         records = [evaluation.score_entry(evaluation.Entry(e["name"], "text", e["text"])) for e in entries]
@@ -189,12 +194,16 @@ def _add_frames(path: Path, structures: dict) -> None:
 def _append_copy(path: Path, append) -> None:
     """Append to a copy of `path` and move it into place: the file on disk is always whole."""
     scratch = path.with_name(path.name + ".partial")
-    if path.exists():
-        shutil.copyfile(path, scratch)
-    else:
-        scratch.unlink(missing_ok=True)
-    append(scratch)
-    os.replace(scratch, path)
+    try:
+        if path.exists():
+            shutil.copyfile(path, scratch)
+        else:
+            scratch.unlink(missing_ok=True)
+        append(scratch)
+        os.replace(scratch, path)
+    except OSError:
+        scratch.unlink(missing_ok=True)  # the whole file stays as it was
+        raise
 
 
 def _replace_bytes(path: Path, content: bytes) -> None:

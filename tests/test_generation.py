@@ -220,3 +220,28 @@ def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_writ
     resumed.write(samples[2:])
     with zipfile.ZipFile(tmp_path / "cifs.zip") as archive:
         assert len(archive.namelist()) == 4
+
+
+def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from crystallm import output_folder
+    from crystallm.errors import OutputWriteError
+
+    model, tokenizer = tiny
+    samples = list(generate_structures(model, tokenizer, num=4, batch_size=2, seed=0, max_atoms=24))
+    folder = GenerationFolder(tmp_path, {"num": 4})
+    folder.write(samples[:2])
+    before = (tmp_path / "cifs.zip").read_bytes()
+
+    def disk_full(path, structures):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output_folder, "_add_cifs", disk_full)
+    with pytest.raises(OutputWriteError, match="No space left on device.*2 structures finished before are kept"):
+        folder.write(samples[2:])
+    assert (tmp_path / "cifs.zip").read_bytes() == before and not (tmp_path / "cifs.zip.partial").exists()
+    monkeypatch.undo()
+    resumed = GenerationFolder(tmp_path, {"num": 4}, resume=True)  # the journaled batch comes back
+    assert resumed.finished == 4
