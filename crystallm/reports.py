@@ -41,7 +41,7 @@ def markdown_table(summary: dict) -> str:
             else:
                 rows.append((f"{group}: {key}", value))
     for key, value in (summary.get("generation") or {}).items():
-        if value is not None and key != "seconds":
+        if value and key != "seconds":  # refine seconds only when a head ran
             rows.append((f"generation: {key.replace('_', ' ')}", value))
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
