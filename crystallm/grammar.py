@@ -20,6 +20,7 @@ import torch
 from transformers import LogitsProcessor
 
 from crystallm import serialization, symmetry
+from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
 MAX_ELEMENTS = 8
 ROW_TOKENS = 8  # element, Wyckoff symbol, three coordinates of at most two tokens each
@@ -161,7 +162,9 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                                                            *serialization.LATTICE_TAGS)}
         self.data = vocab[serialization.DATA_PREFIX]
         self.loop = vocab["\n" + serialization.LOOP_HEADER]
-        self.skip = {tokenizer.pad_token_id, tokenizer.bos_token_id}
+        # Padding, <bos> and a property condition before the text (crystallm.conditioning) are not the text's.
+        self.skip = {tokenizer.pad_token_id, tokenizer.bos_token_id,
+                     *tokenizer.convert_tokens_to_ids([NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])}
         self.eos = tokenizer.eos_token_id
         self._cache: dict[int, tuple[list[int], _State]] = {}
         problem = self.constraint_problem()
