@@ -292,3 +292,52 @@ def refinement_errors(model, tokenizer, texts: list[str], vocabulary, config: di
                 key = f"eval_{name}_{label}"
                 errors[key] = errors.get(key, 0.0) + float(error[selected].sum())
     return {key: total / max(1.0, counts[key.rsplit("_", 1)[1]]) for key, total in errors.items()}
+
+
+def train_adapter(config: dict) -> Path:
+    """Train one PEFT LoRA adapter, named after its property, on a frozen base model (configs/adapter-*.yaml):
+    causal LM on `<prop_i><value_k>` + text for the corpus rows that have the property, with the value dropped to
+    `<prop_none>` with probability `drop_probability` (for classifier-free guidance). The loss skips the
+    condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named adapter) with a
+    JSON log.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from crystallm.conditioning import condition_prefix
+    from crystallm.generation import load_generator
+    from crystallm.surrogate import labelled_texts
+
+    out, name, seed = Path(config["output_dir"]), config["property"], int(config.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model, tokenizer = load_generator(config.get("model"), device="cpu")
+    lora = LoraConfig(r=int(config.get("rank", 8)), lora_alpha=int(config.get("alpha", 16)), lora_dropout=0.0,
+                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # GPT-2's Conv1D layers
+    model = get_peft_model(model, lora, adapter_name=name)
+    texts, values = labelled_texts(config["corpus"], name)
+    lengths = np.array([len(text) for text in texts])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=float(config["learning_rate"]), weight_decay=0.0)
+    batch_size, batches, started = int(config["batch_size"]), [], time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    with open(out / f"{name}_log.jsonl", "w") as log:
+        for step in tqdm(range(1, int(config["max_steps"]) + 1), desc=f"adapter {name}", unit=" steps"):
+            if not batches:
+                batches = epoch_batches(lengths, batch_size, step, seed)
+            rows = batches.pop()
+            dropped = rng.random(len(rows)) < float(config.get("drop_probability", 0.1))
+            prefixes = [condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)]
+            encoded = tokenizer([p + texts[i] + tokenizer.eos_token for p, i in zip(prefixes, rows)],
+                                padding=True, return_tensors="pt", padding_side="right")
+            labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+            labels[:, :3] = -100  # <bos> and the two condition tokens are given, not predicted
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**encoded, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            log.write(json.dumps({"step": step, "loss": float(loss.detach()),
+                                  "seconds": time.perf_counter() - started}) + "\n")
+    model.save_pretrained(out)
+    return out / name
