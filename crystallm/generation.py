@@ -20,6 +20,7 @@ from pymatgen.core import Composition, Structure
 from transformers import LogitsProcessorList
 
 from crystallm import serialization, symmetry
+from crystallm.conditioning import condition_prefix
 from crystallm.errors import CrystaLLMInputError
 from crystallm.grammar import CrystalGrammarLogitsProcessor
 
@@ -84,15 +85,20 @@ def parse_chemical_system(value: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Prompt:
     """What to generate. Empty: unconditional. `formula` (reduced, format order): crystal structure prediction.
-    `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes."""
+    `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes.
+    `property_name` + `target`: a property condition before the text (`crystallm.conditioning`), for a model
+    with that property's adapter; `target` None is the unconditional branch of guidance."""
 
     formula: tuple[tuple[str, int], ...] = ()
     space_group: int | None = None
     elements: tuple[str, ...] = ()
+    property_name: str | None = None
+    target: float | None = None
 
     @classmethod
     def of(cls, formula: str | None = None, space_group: str | int | None = None,
-           chemical_system: str | None = None) -> "Prompt":
+           chemical_system: str | None = None, property_name: str | None = None,
+           target: float | None = None) -> "Prompt":
         """A prompt from what a user types; bad input raises CrystaLLMInputError naming it.
 
         >>> Prompt.of(formula="NaCl", space_group="Fm-3m").text()
@@ -100,16 +106,21 @@ class Prompt:
         """
         prompt = cls(formula=tuple(reduced_formula(formula).items()) if formula is not None else (),
                      space_group=parse_space_group(space_group) if space_group is not None else None,
-                     elements=parse_chemical_system(chemical_system) if chemical_system is not None else ())
+                     elements=parse_chemical_system(chemical_system) if chemical_system is not None else (),
+                     property_name=property_name, target=target)
+        if property_name is not None:
+            condition_prefix(property_name, target)  # an unknown property or a bad target fails here
         if prompt.formula and prompt.elements and {e for e, _ in prompt.formula} != set(prompt.elements):
             raise CrystaLLMInputError(f"formula {formula!r} is not in the chemical system {chemical_system!r}")
         return prompt
 
     def text(self) -> str:
-        """The prompt as the model reads it: the text format up to where the model takes over."""
+        """The prompt as the model reads it: the condition, if any, then the text format up to where the model
+        takes over."""
+        text = condition_prefix(self.property_name, self.target) if self.property_name else ""
         if not self.formula:
-            return serialization.DATA_PREFIX
-        text = serialization.DATA_PREFIX + serialization.format_formula(dict(self.formula))
+            return text + serialization.DATA_PREFIX
+        text += serialization.DATA_PREFIX + serialization.format_formula(dict(self.formula))
         text += "\n" + serialization.TAG_SPACE_GROUP
         if self.space_group:
             text += " " + symmetry.space_group_symbol(self.space_group)
@@ -119,7 +130,8 @@ class Prompt:
         """A short human-readable form, for records and errors."""
         parts = [f"formula {serialization.format_formula(dict(self.formula))}" if self.formula else "",
                  f"space group {symmetry.space_group_symbol(self.space_group)} ({self.space_group})"
-                 if self.space_group else "", f"chemical system {'-'.join(self.elements)}" if self.elements else ""]
+                 if self.space_group else "", f"chemical system {'-'.join(self.elements)}" if self.elements else "",
+                 f"{self.property_name} {self.target}" if self.property_name else ""]
         return ", ".join(p for p in parts if p) or "unconditional"
 
     def grammar(self, tokenizer, max_atoms: int, max_length: int) -> CrystalGrammarLogitsProcessor:

@@ -40,3 +40,11 @@ def test_targets_outside_the_range_warn_and_unknown_properties_list_the_known():
         condition_prefix("band_gap", 12.0)
     with pytest.raises(CrystaLLMInputError, match="conditionable properties: formation_energy_per_atom, band_gap"):
         condition_for("bandgap")
+
+
+def test_a_prompt_carries_its_property_condition_and_checks_it():
+    prompt = Prompt.of(formula="GaAs", property_name="band_gap", target=1.5)
+    assert prompt.text().startswith("<prop_1><value_12>data_GaAs")
+    assert Prompt.of(property_name="band_gap").text() == "<prop_1><prop_none>data_"  # guidance's other branch
+    with pytest.raises(CrystaLLMInputError, match="unknown property 'bandgap'"):
+        Prompt.of(property_name="bandgap", target=1.0)
