@@ -339,5 +339,6 @@ def train_adapter(config: dict) -> Path:
             optimizer.step()
             log.write(json.dumps({"step": step, "loss": float(loss.detach()),
                                   "seconds": time.perf_counter() - started}) + "\n")
+            log.flush()
     model.save_pretrained(out)
     return out / name
