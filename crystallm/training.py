@@ -306,13 +306,18 @@ def train_adapter(config: dict) -> Path:
     from crystallm.conditioning import condition_prefix
     from crystallm.generation import load_generator
     from crystallm.surrogate import labelled_texts
+    from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
     out, name, seed = Path(config["output_dir"]), config["property"], int(config.get("seed", 0))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model, tokenizer = load_generator(config.get("model"), device="cpu")
+    # LoRA on GPT-2's Conv1D layers; the condition tokens' embeddings, never seen in pretraining, are trained too
+    # (with LoRA alone a first adapter ignored the value token: the same samples for band gap 0 and 3 eV).
+    condition_ids = tokenizer.convert_tokens_to_ids([NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])
     lora = LoraConfig(r=int(config.get("rank", 8)), lora_alpha=int(config.get("alpha", 16)), lora_dropout=0.0,
-                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # GPT-2's Conv1D layers
+                      target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                      trainable_token_indices=condition_ids)
     model = get_peft_model(model, lora, adapter_name=name)
     texts, values = labelled_texts(config["corpus"], name)
     lengths = np.array([len(text) for text in texts])
