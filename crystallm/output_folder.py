@@ -67,7 +67,7 @@ class GenerationFolder:
         else:
             for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
                 (self.directory / name).unlink(missing_ok=True)
-        _replace_bytes(self.directory / "run.json", (json.dumps(settings, indent=2) + "\n").encode())
+        reports.write_json(settings, self.directory / "run.json")
 
     @property
     def finished(self) -> int:
@@ -94,7 +94,7 @@ class GenerationFolder:
             except ValueError:
                 break  # an unfinished last line
         kept = b"".join(line + b"\n" for line in lines[:len(entries)])
-        _replace_bytes(self.journal, kept)
+        reports.replace_file(self.journal, kept)
         for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
             (self.directory / name).unlink(missing_ok=True)
         self._append_outputs(entries)
@@ -204,12 +204,6 @@ def _append_copy(path: Path, append) -> None:
     except OSError:
         scratch.unlink(missing_ok=True)  # the whole file stays as it was
         raise
-
-
-def _replace_bytes(path: Path, content: bytes) -> None:
-    scratch = path.with_name(path.name + ".partial")
-    scratch.write_bytes(content)
-    os.replace(scratch, path)
 
 
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,

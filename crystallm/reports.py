@@ -10,9 +10,13 @@ import numpy as np
 
 def write_json(summary: dict, path: str | Path) -> None:
     """The summary as indented JSON with stable (sorted) keys, replaced atomically (readers never see half)."""
-    path = Path(path)
+    replace_file(Path(path), json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
+
+
+def replace_file(path: Path, content: bytes) -> None:
+    """Write `content` to a scratch file beside `path`, then move it into place: `path` is always whole."""
     scratch = path.with_name(path.name + ".partial")
-    scratch.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    scratch.write_bytes(content)
     scratch.replace(path)
 
 
