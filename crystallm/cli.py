@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from crystallm import serialization, symmetry
-from crystallm.errors import CrystaLLMInputError
+from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 
 CIF_SUFFIXES = (".cif", ".mcif")
 
@@ -137,16 +138,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate crystals into an output folder (see `crystallm.output_folder`), resumable, with a progress bar."""
     from crystallm import generation, reports
+    from crystallm.adapters import use_adapter
     from crystallm.output_folder import GenerationFolder, generate_into
 
     args.max_atoms = args.max_atoms or generation.DEFAULT_MAX_ATOMS
-    prompt = generation.Prompt.of(args.formula, args.spacegroup, args.chemical_system)
+    if (args.adapter is None) != (args.target is None):
+        raise CrystaLLMInputError("--adapter and --target go together: the adapter of a property and its target "
+                                  "value, e.g. --adapter band_gap --target 2.0")
+    if args.guidance != 1.0 and not args.adapter:
+        raise CrystaLLMInputError("--guidance needs a property target: --adapter NAME --target VALUE")
     model, tokenizer = generation.load_generator(args.model, args.device)
+    if args.adapter:  # an unknown adapter fails here, listing the model's adapters
+        model = use_adapter(model, args.adapter)
+    property_name = Path(args.adapter).name if args.adapter else None
+    prompt = generation.Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "max_atoms": args.max_atoms, "bf16": not args.fp32, "refine": args.refine,
-                "symmetrize": args.symmetrize}
-    settings = {"model": str(args.model or "default"), "prompt": prompt.describe(), "num": args.num,
+                "symmetrize": args.symmetrize, "guidance": args.guidance}
+    settings = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
+                "num": args.num,
                 "batch_size": args.batch_size, **sampling, "format_version": serialization.FORMAT_VERSION}
     folder = GenerationFolder(args.out, settings, resume=args.resume)
     summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
@@ -206,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--formula", help="crystal structure prediction for this formula, e.g. LiFePO4")
     generate.add_argument("--spacegroup", help="impose a space group: number or symbol, e.g. 225 or Fm-3m")
     generate.add_argument("--chemical-system", help="only formulas of exactly these elements, e.g. Li-Fe-O")
+    generate.add_argument("--adapter", help="condition on a property with its adapter: a name saved beside the "
+                          "model (band_gap, formation_energy_per_atom) or an adapter folder; needs --target")
+    generate.add_argument("--target", type=float, help="the property value to aim for, in the property's unit "
+                          "(eV for band_gap, eV/atom for formation_energy_per_atom)")
+    generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale with "
+                          "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
     generate.add_argument("--batch-size", type=int, default=32)
     generate.add_argument("--seed", type=int, default=0)
@@ -233,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line
     logging.set_verbosity_error()  # e.g. a padding notice about rows that finished early, which generate ignores
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"crystallm {args.command}: warning: {'' if category is CrystaLLMWarning else category.__name__ + ': '}"
+        f"{message}\n")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices, not the user's
+    warnings.filterwarnings("ignore", message="No Pauling electronegativity")  # pymatgen, for noble gases
     try:
         return args.run(args)
     except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line, no traceback

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from crystallm.data import PROPERTY_UNITS
-from crystallm.errors import CrystaLLMInputError
+from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 from crystallm.tokenization import NO_PROPERTY_TOKEN, NUM_VALUE_TOKENS, PROPERTY_TOKENS, VALUE_TOKENS
 
 
@@ -65,9 +65,26 @@ def condition_for(name: str) -> Condition:
                                   f"{', '.join(CONDITIONS)}") from None
 
 
+def check_target(name: str, value: float | None) -> Condition:
+    """The Condition of a property, after checking a target for it: an unknown property or a non-number fails,
+    a value outside the property's range warns, naming the range (it will be treated as the nearest end).
+
+    >>> check_target("band_gap", 2.0).unit
+    'eV'
+    """
+    condition = condition_for(name)
+    if value is not None and not math.isfinite(value):
+        raise CrystaLLMInputError(f"{name} target {value!r} is not a number")
+    if value is not None and not condition.low <= value < condition.high:
+        warnings.warn(f"{name} target {value} {condition.unit} is outside the range the model was conditioned on "
+                      f"[{condition.low}, {condition.high}) {condition.unit}; it is treated as the nearest end",
+                      CrystaLLMWarning, stacklevel=2)
+    return condition
+
+
 def condition_prefix(name: str, value: float | None) -> str:
-    """The tokens that go before `data_`: the property and the value's bin, or `<prop_none>` for no value (the
-    unconditional branch of guidance). A value outside the property's range warns and is clipped to it.
+    """The tokens that go before `data_`: the property and the value's bin (clipped to the end bins), or
+    `<prop_none>` for no value (the unconditional branch of guidance). `check_target` checks a user's value.
 
     >>> condition_prefix("band_gap", 2.0), condition_prefix("band_gap", None)
     ('<prop_1><value_16>', '<prop_1><prop_none>')
@@ -75,10 +92,4 @@ def condition_prefix(name: str, value: float | None) -> str:
     condition = condition_for(name)
     if value is None:
         return PROPERTY_TOKENS[condition.index] + NO_PROPERTY_TOKEN
-    if not math.isfinite(value):
-        raise CrystaLLMInputError(f"{name} target {value!r} is not a number")
-    if not condition.low <= value < condition.high:
-        warnings.warn(f"{name} target {value} {condition.unit} is outside the range the model was conditioned on "
-                      f"[{condition.low}, {condition.high}) {condition.unit}; it is treated as the nearest end",
-                      stacklevel=2)
     return PROPERTY_TOKENS[condition.index] + VALUE_TOKENS[condition.value_bin(value)]

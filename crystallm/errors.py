@@ -27,3 +27,7 @@ class OutputWriteError(OSError):
 
 class CheckpointError(CrystaLLMInputError):
     """A model checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class CrystaLLMWarning(UserWarning):
+    """Input that can be used but probably not as meant (e.g. a property target outside the data's range)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,7 +20,7 @@ from pymatgen.core import Composition, Structure
 from transformers import LogitsProcessorList
 
 from crystallm import serialization, symmetry
-from crystallm.conditioning import condition_prefix
+from crystallm.conditioning import check_target, condition_prefix
 from crystallm.errors import CrystaLLMInputError
 from crystallm.grammar import CrystalGrammarLogitsProcessor
 
@@ -109,7 +109,7 @@ class Prompt:
                      elements=parse_chemical_system(chemical_system) if chemical_system is not None else (),
                      property_name=property_name, target=target)
         if property_name is not None:
-            condition_prefix(property_name, target)  # an unknown property or a bad target fails here
+            check_target(property_name, target)  # an unknown property or a bad target fails here
         if prompt.formula and prompt.elements and {e for e, _ in prompt.formula} != set(prompt.elements):
             raise CrystaLLMInputError(f"formula {formula!r} is not in the chemical system {chemical_system!r}")
         return prompt
@@ -240,7 +240,7 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                         batch_size: int = 32, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS, start: int = 0,
                         bf16: bool = True, grammar: bool = True, refine: bool | None = None,
-                        symmetrize: bool = False) -> Iterator[GeneratedSample]:
+                        symmetrize: bool = False, guidance: float = 1.0) -> Iterator[GeneratedSample]:
     """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
 
     `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
@@ -249,6 +249,11 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     (faster there); the grammar guarantees every text parses (`grammar=False` only to measure what it buys).
     `refine` (default: when the model has a refinement head) replaces the written lattice and coordinates by the
     head's continuous values; `symmetrize` snaps each structure to the symmetry spglib finds at symprec 0.1.
+
+    Prompts with a property condition need that property's adapter active (`crystallm.adapters.use_adapter`);
+    prompts without one run on the base model even when adapters are loaded. `guidance` > 1 is classifier-free
+    guidance (HF's `guidance_scale`): the logits are pushed away from those of the unconditional prompt
+    `<prop_i><prop_none>` by that factor (twice the compute).
 
     >>> model, tokenizer = load_generator()
     >>> samples = list(generate_structures(model, tokenizer, num=2, seed=1))
@@ -263,16 +268,18 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     refine = getattr(model, "refiner", None) is not None if refine is None else refine
     if refine and getattr(model, "refiner", None) is None:
         raise CrystaLLMInputError("this model has no refinement head (train one with train/refiner.py)")
+    adapter_context = _adapter_context(model, prompts, guidance)
     max_length = model.config.n_positions
     grammars = {p: p.grammar(tokenizer, max_atoms, max_length) if grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
-    sampling = {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    sampling = {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0, "guidance_scale": guidance}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
     for first in range(start - start % batch_size, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
         begun = time.perf_counter()
-        texts, lengths = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling, autocast)
+        with adapter_context():
+            texts, lengths = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling, autocast)
         seconds = (time.perf_counter() - begun) / len(batch)
         samples = [GeneratedSample(first + offset, prompt, text, *_parse(text), None, length, seconds)
                    for offset, (prompt, text, length) in enumerate(zip(batch, texts, lengths))
@@ -307,6 +314,10 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: i
     inputs = tokenizer([p.text() for p in batch], return_tensors="pt", padding=True).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     processors = [_RowGrammars([grammars[p] for p in batch])] if grammars[batch[0]] else []
+    if sampling["guidance_scale"] != 1.0:  # the unconditional branch: the same prompts with the value dropped
+        negative = tokenizer([replace(p, target=None).text() for p in batch], return_tensors="pt", padding=True)
+        sampling = sampling | {"negative_prompt_ids": negative["input_ids"].to(model.device),
+                               "negative_prompt_attention_mask": negative["attention_mask"].to(model.device)}
     torch.manual_seed(seed * 1_000_003 + first)  # seeds the batch by its position: resumable and reproducible
     with torch.no_grad(), autocast:
         out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length, do_sample=True,
@@ -315,6 +326,28 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: i
     generated = out[:, prompt_length:]
     lengths = ((generated != tokenizer.pad_token_id) & (generated != tokenizer.eos_token_id)).sum(dim=1) + 1
     return tokenizer.batch_decode(out, skip_special_tokens=True), lengths.tolist()
+
+
+def _adapter_context(model, prompts: list[Prompt], guidance: float):
+    """What to run generation under: the base model for unconditioned prompts (adapters disabled), the active
+    adapter for conditioned ones, which must be the prompts' property."""
+    from crystallm.adapters import active_adapter
+
+    properties = {p.property_name for p in prompts}
+    active = active_adapter(model)
+    if properties == {None}:
+        if guidance != 1.0:
+            raise CrystaLLMInputError("guidance needs a property target (--adapter and --target)")
+        return model.disable_adapter if active else contextlib.nullcontext
+    if len(properties) > 1:
+        raise CrystaLLMInputError(f"prompts condition on several properties ({', '.join(map(str, properties))}); "
+                                  f"one adapter is active at a time: generate each property separately")
+    [wanted] = properties
+    if active != wanted:
+        raise CrystaLLMInputError(f"the prompts condition on {wanted} but the model has "
+                                  f"{f'the {active} adapter' if active else 'no adapter'} active: load it with "
+                                  f"crystallm.adapters.use_adapter(model, {wanted!r}) (CLI: --adapter {wanted})")
+    return contextlib.nullcontext
 
 
 class _RowGrammars:

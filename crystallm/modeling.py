@@ -40,6 +40,15 @@ class CrystaLLMForCausalLM(GPT2LMHeadModel):
         self.refiner = CrystalRefiner(config.n_embd, **config.refiner) if config.refiner else None
         self.post_init()
 
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs):
+        """GPT-2's forward, with positions counted from the attention mask when none are given, so a left-padded
+        row keeps its positions in every call (HF's classifier-free guidance runs its unconditional pass without
+        position ids; `generate` itself passes them)."""
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and input_ids is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                bidirectional: bool = False) -> torch.Tensor:
         """Final hidden states (batch, length, n_embd); causal unless `bidirectional`."""

@@ -222,9 +222,12 @@ def _is_element(specie) -> bool:
     return Element.is_valid_symbol(getattr(specie, "symbol", ""))
 
 
+@lru_cache(maxsize=None)
 def _formula_order(symbol: str) -> tuple[float, str]:
     """pymatgen's formula order: by Pauling electronegativity (noble gases, which have none, last)."""
-    electronegativity = Element(symbol).X
+    with warnings.catch_warnings():  # pymatgen warns for each element without one: expected here
+        warnings.simplefilter("ignore")
+        electronegativity = Element(symbol).X
     return (electronegativity if math.isfinite(electronegativity) else math.inf, symbol)
 
 

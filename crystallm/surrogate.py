@@ -7,6 +7,8 @@ the held-out MAE is measured on a test split.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,10 +58,14 @@ class SurrogatePredictor:
 
 
 def embed(model, tokenizer, texts: list[str]) -> np.ndarray:
-    """Mean-pooled causal embeddings of texts (one row each)."""
+    """Mean-pooled causal embeddings of texts (one row each), always of the base model: an adapter, if one is
+    active, is disabled here, so the predictor sees the features it was fitted on."""
+    from crystallm.adapters import active_adapter
+
     collator = PretrainingCollator(tokenizer, max_length=model.config.n_positions, masked_atom=False,
                                    contrastive=False)
-    return pooled_embeddings(model, collator, texts)
+    with model.disable_adapter() if active_adapter(model) else contextlib.nullcontext():
+        return pooled_embeddings(model, collator, texts)
 
 
 def fit_surrogate(model, tokenizer, property_name: str, texts: list[str], values: np.ndarray,
@@ -85,3 +91,20 @@ def fit_surrogate(model, tokenizer, property_name: str, texts: list[str], values
         errors[name] = float(np.mean(np.abs(regressor.predict(features[validation]) - values[validation])))
     best = min(errors, key=errors.get)
     return SurrogatePredictor(property_name, candidates[best]().fit(features, values), errors)
+
+
+def load_surrogate(directory: str | Path) -> tuple[SurrogatePredictor, dict]:
+    """The predictor `train/surrogate.py` saved in `directory` and its report (held-out MAE under
+    `report["held_out"]["mae"]`). A missing one says which command makes it."""
+    import json
+
+    import joblib
+
+    directory = Path(directory)
+    try:
+        return joblib.load(directory / "predictor.joblib"), json.loads((directory / "report.json").read_text())
+    except FileNotFoundError as error:
+        from crystallm.errors import CrystaLLMInputError
+
+        raise CrystaLLMInputError(f"{directory}: no fitted surrogate ({error.filename} is missing); fit it with "
+                                  f"python train/surrogate.py configs/surrogate-<property>.yaml") from None

@@ -1,28 +1,133 @@
+import warnings
+
+import pytest
 import torch
 from peft import PeftModel
 
+from crystallm import cli, serialization
+from crystallm.adapters import available_adapters, use_adapter
 from crystallm.configuration import CrystaLLMConfig
+from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
+from crystallm.generation import Prompt, generate_structures, load_generator
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training import train_adapter
 
+PROPERTIES = ("band_gap", "formation_energy_per_atom")
 
-def test_an_adapter_trains_on_a_frozen_base_saves_by_name_and_leaves_the_base_unchanged(tmp_path):
+
+@pytest.fixture(scope="module")
+def model_with_adapters(tmp_path_factory):
+    """A tiny untrained base model folder with two adapters trained 3 steps each on real corpus rows, saved
+    beside it (`<model>/adapters/<property>/`) as the shipped model keeps them."""
+    base = tmp_path_factory.mktemp("model-with-adapters")
     tokenizer = CrystaLLMTokenizer.from_format()
     torch.manual_seed(0)
-    base = tmp_path / "base"
-    CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)).save_pretrained(base)
+    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256)
+    CrystaLLMForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    path = train_adapter({"model": str(base), "property": "band_gap", "corpus": "data/pretraining-corpus.csv.gz",
-                          "output_dir": str(tmp_path / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
-                          "max_steps": 3, "rank": 4})
-    assert path == tmp_path / "adapters" / "band_gap" and (path / "adapter_config.json").exists()
-    assert (path / "adapter_model.safetensors").stat().st_size < 200_000  # LoRA: small
+    for name in PROPERTIES:
+        train_adapter({"model": str(base), "property": name, "corpus": "data/pretraining-corpus.csv.gz",
+                       "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
+                       "max_steps": 3, "rank": 4})
+    return base
 
-    model = load_model(base).eval()
+
+def test_an_adapter_trains_on_a_frozen_base_saves_by_name_and_leaves_the_base_unchanged(model_with_adapters):
+    path = model_with_adapters / "adapters" / "band_gap"
+    assert (path / "adapter_config.json").exists()
+    assert (path / "adapter_model.safetensors").stat().st_size < 200_000  # LoRA: small
+    assert available_adapters(model_with_adapters) == list(PROPERTIES)
+
+    tokenizer = CrystaLLMTokenizer.from_pretrained(model_with_adapters)
+    model = load_model(model_with_adapters).eval()
     ids = tokenizer(["<prop_1><value_16>data_GaAs"], return_tensors="pt")["input_ids"]
     before = model(ids).logits
     adapted = PeftModel.from_pretrained(model, path, adapter_name="band_gap").eval()
     assert not torch.allclose(adapted(ids).logits, before)  # the adapter changes the model's output
     with adapted.disable_adapter():
         assert torch.equal(adapted(ids).logits, before)  # and the base is untouched under it
+
+
+def test_adapters_switch_by_name_on_one_base_and_unconditioned_samples_stay_the_base_models(model_with_adapters):
+    model, tokenizer = load_generator(model_with_adapters, device="cpu")
+    base_texts = [s.text for s in generate_structures(model, tokenizer, num=4, batch_size=2, max_atoms=24)]
+    ids = tokenizer(["<prop_1><value_16>data_GaAs"], return_tensors="pt")["input_ids"]
+
+    model = use_adapter(model, "band_gap")
+    base = model.get_base_model()
+    band_gap_logits = model(ids).logits
+    model = use_adapter(model, "formation_energy_per_atom")
+    assert model.get_base_model() is base and sorted(model.peft_config) == list(PROPERTIES)  # no reload
+    assert model.active_adapter == "formation_energy_per_atom"
+    assert not torch.allclose(model(ids).logits, band_gap_logits)
+    model = use_adapter(model, "band_gap")  # switching back is set_adapter: the same function as before
+    assert torch.equal(model(ids).logits, band_gap_logits)
+    # With adapters loaded, prompts without a condition still sample the base model, token for token.
+    assert [s.text for s in generate_structures(model, tokenizer, num=4, batch_size=2, max_atoms=24)] == base_texts
+
+
+def test_conditioned_generation_with_and_without_guidance(model_with_adapters):
+    model, tokenizer = load_generator(model_with_adapters, device="cpu")
+    prompt = Prompt.of(property_name="band_gap", target=2.0)
+    with pytest.raises(CrystaLLMInputError, match="no adapter active"):
+        list(generate_structures(model, tokenizer, prompt, num=2, max_atoms=24))
+    model = use_adapter(model, "band_gap")
+    plain = list(generate_structures(model, tokenizer, prompt, num=4, batch_size=2, max_atoms=24))
+    guided = list(generate_structures(model, tokenizer, prompt, num=4, batch_size=2, max_atoms=24, guidance=3.0))
+    for sample in plain + guided:  # the condition is in the prompt, not in the text; every text parses
+        assert sample.error == "" and sample.text.startswith("data_")
+        serialization.parse_structure(sample.text)
+    assert [s.text for s in plain] != [s.text for s in guided]  # guidance changes what is sampled
+    with pytest.raises(CrystaLLMInputError, match="condition on formation_energy_per_atom"):
+        list(generate_structures(model, tokenizer, Prompt.of(property_name="formation_energy_per_atom", target=-1.0),
+                                 num=2, max_atoms=24))
+    with pytest.raises(CrystaLLMInputError, match="guidance needs a property target"):
+        list(generate_structures(model, tokenizer, num=2, max_atoms=24, guidance=2.0))
+
+
+def test_an_unknown_adapter_lists_the_available_ones(model_with_adapters):
+    model, _ = load_generator(model_with_adapters, device="cpu")
+    with pytest.raises(CrystaLLMInputError, match="no adapter 'bulk_modulus'.*available: band_gap, "
+                                                  "formation_energy_per_atom"):
+        use_adapter(model, "bulk_modulus")
+
+
+def _generate(model_dir, out, *arguments) -> int:
+    return cli.main(["generate", "--model", str(model_dir), "--out", str(out), "--num", "2", "--batch-size", "2",
+                     "--max-atoms", "24", "--quiet", *arguments])
+
+
+def test_generate_command_with_an_adapter_a_target_and_guidance(model_with_adapters, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "guided"
+    assert _generate(model_with_adapters, out, "--adapter", "band_gap", "--target", "2.0", "--guidance", "2") == 0
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["adapter"] == "band_gap" and settings["guidance"] == 2.0
+    assert settings["prompt"] == "band_gap 2.0"
+    # Far outside the data: a warning naming the range, and the run goes on.
+    with pytest.warns(CrystaLLMWarning) as caught:
+        assert _generate(model_with_adapters, tmp_path / "far", "--adapter", "band_gap", "--target", "12") == 0
+    assert [str(w.message) for w in caught if w.category is CrystaLLMWarning] == [
+        "band_gap target 12.0 eV is outside the range the model was conditioned on [0.0, 8.0) eV; it is treated "
+        "as the nearest end"]
+    assert warnings.formatwarning(caught[0].message, CrystaLLMWarning, "", 0) == (
+        f"crystallm generate: warning: {caught[0].message}\n")  # the one line a user sees on stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--adapter", "bandgap", "--target", "1"], "no adapter 'bandgap' for the model in .*; available: band_gap, "
+                                                "formation_energy_per_atom"),
+    (["--adapter", "band_gap"], "--adapter and --target go together"),
+    (["--guidance", "2"], "--guidance needs a property target"),
+    (["--adapter", "band_gap", "--target", "nan"], "band_gap target nan is not a number"),
+])
+def test_bad_adapter_arguments_are_one_line_and_write_nothing(arguments, message, model_with_adapters, tmp_path,
+                                                              capsys):
+    import re
+
+    assert _generate(model_with_adapters, tmp_path / "out", *arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.search(message, error) and len(error.splitlines()) == 1
+    assert not (tmp_path / "out" / "samples.jsonl").exists()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crystallm import serialization
-from crystallm.conditioning import CONDITIONS, condition_for, condition_prefix
+from crystallm.conditioning import CONDITIONS, check_target, condition_for, condition_prefix
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation import Prompt
@@ -37,7 +37,7 @@ def test_a_conditioned_prompt_is_two_tokens_and_the_grammar_reads_past_them():
 
 def test_targets_outside_the_range_warn_and_unknown_properties_list_the_known():
     with pytest.warns(UserWarning, match=r"outside the range .*\[0.0, 8.0\) eV"):
-        condition_prefix("band_gap", 12.0)
+        check_target("band_gap", 12.0)
     with pytest.raises(CrystaLLMInputError, match="conditionable properties: formation_energy_per_atom, band_gap"):
         condition_for("bandgap")
 

@@ -1,0 +1,35 @@
+"""Stage: the conditional benchmark of one property adapter (crystallm/conditional_benchmark.py).
+
+    python eval/conditional.py configs/eval-conditional-band_gap.yaml
+
+Generation goes to one resumable folder per arm under `output_dir`; `report.json` and `report.md` there are
+rewritten after every measured row.
+"""
+
+from crystallm.conditional_benchmark import run_conditional_benchmark, write_report
+from crystallm.data import PROPERTY_UNITS
+from crystallm.generation import load_generator
+from crystallm.stages import read_stage_config
+from crystallm.surrogate import load_surrogate
+
+
+def main() -> None:
+    config = read_stage_config(__doc__)
+    name = config["adapter"]
+    predictor, surrogate_report = load_surrogate(config["surrogate"])
+    model, tokenizer = load_generator(config.get("model"))
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        write_report(rows, config["output_dir"], PROPERTY_UNITS[name], surrogate_report)
+
+    run_conditional_benchmark(model, tokenizer, name, predictor, [float(t) for t in config["targets"]],
+                              float(config["tolerance"]), int(config["num"]), float(config["guidance"]),
+                              config["output_dir"], seed=int(config.get("seed", 0)),
+                              batch_size=int(config.get("batch_size", 32)), on_row=record)
+    print(f"{config['output_dir']}/report.md")
+
+
+if __name__ == "__main__":
+    main()
