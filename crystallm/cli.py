@@ -121,11 +121,15 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a collection of structures and print/write the set-level metrics."""
     from crystallm import evaluation, reports
+    from crystallm.metrics.stability import RelaxationSettings
 
     summary = evaluation.evaluate(
         args.input, reference=args.reference, test=args.test, csp=args.csp, csp_ids=args.csp_ids,
         attempts=tuple(args.attempts), coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
-        limit=args.limit, plots=args.plots, records_path=args.records, progress=not args.quiet)
+        limit=args.limit, ids=evaluation.read_ids(args.ids) if args.ids else None, plots=args.plots,
+        records_path=args.records, progress=not args.quiet,
+        stability=RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax, max_seconds=args.relax_seconds)
+        if args.stability else None, stability_cache=args.stability_cache)
     table = reports.markdown_table(summary)
     print(table)
     if args.json:
@@ -202,12 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--attempts", type=int, nargs="+", default=[1, 20], help="n for CSP match rates")
     evaluate.add_argument("--coverage", action="store_true", help="COV-R/COV-P (CrystalNN fingerprints: slower)")
     evaluate.add_argument("--bonds", action="store_true", help="bond-length reasonableness (CrystalNN: slower)")
+    evaluate.add_argument("--stability", action="store_true", help="relax the structurally valid structures with "
+                          "CHGNet: E_hull against an approximate hull, RMSD, S.U.N. rate (with --reference); resumable")
+    evaluate.add_argument("--stability-cache", help="JSON-lines file of relaxation results, kept between runs "
+                          "(default: stability.jsonl in the input folder, or beside the input file)")
+    evaluate.add_argument("--relax-steps", type=int, default=100, help="FIRE steps at most per structure")
+    evaluate.add_argument("--relax-fmax", type=float, default=0.1, help="converged below this force, eV/Å")
+    evaluate.add_argument("--relax-seconds", type=float, default=60.0, help="time limit per structure")
     evaluate.add_argument("--json")
     evaluate.add_argument("--markdown")
     evaluate.add_argument("--plots", help="folder for PNG plots")
     evaluate.add_argument("--records", help="JSON-lines file of per-structure results, written as they come")
     evaluate.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N entries")
+    evaluate.add_argument("--ids", help="evaluate only the entries named in this file, one a line "
+                          "(e.g. ../shared/benchmarks/mp20bt-test-csp1000.txt)")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 

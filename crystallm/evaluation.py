@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import gzip
 import json
 import math
 import multiprocessing
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from pymatgen.core import Structure
@@ -24,11 +24,14 @@ from crystallm import data, serialization, symmetry
 from crystallm.errors import CrystaLLMInputError
 from crystallm.metrics import distribution, matching, symmetry_stats, validity
 
+if TYPE_CHECKING:
+    from crystallm.metrics.stability import RelaxationSettings
+
 MAX_ATOMS = 1000  # larger cells are reported, not scored: pair distances grow as n^2
 CIF_SUFFIXES = (".cif", ".mcif")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Entry:
     """One item of an input collection: its name and a payload to turn into a structure."""
 
@@ -39,7 +42,7 @@ class Entry:
 
 def iter_entries(source: str | Path) -> Iterator[Entry]:
     """Entries of a zip of CIFs, a folder of CIFs, an extxyz file, a CSV with a `cif` or `text` column, the
-    output folder of `crystallm generate` (its cifs.zip), or a benchmark split such as `mp20-bt/test`.
+    output folder of `crystallm generate` (the texts of its journal), or a benchmark split such as `mp20-bt/test`.
 
     >>> next(iter_entries("mp20-bt/test")).name
     'mp-10009'
@@ -55,8 +58,11 @@ def iter_entries(source: str | Path) -> Iterator[Entry]:
         raise FileNotFoundError(f"{source}: no such file or folder, and not a benchmark split "
                                 f"({', '.join(f'{b}/test' for b in data.BENCHMARKS)})")
     if path.is_dir():
-        if (path / "cifs.zip").exists():
-            yield from iter_entries(path / "cifs.zip")
+        if (path / "samples.jsonl").exists():  # a generate folder: its journal holds every sample's text
+            for line in (path / "samples.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a last line cut by a kill
+                    sample = json.loads(line)
+                    yield Entry(sample["name"], "text", sample["text"])
             return
         for file in sorted(path.iterdir()):
             if file.suffix.lower() in CIF_SUFFIXES:
@@ -198,6 +204,7 @@ def summarize(records: list[dict], reference: list[dict] | None = None, test: li
     Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
     valid structures; novelty is over unique valid structures against `reference` (the training set).
     `uniqueness=False` leaves out the pairwise matching (for summaries rewritten while a run goes on).
+    Each valid record gets its flags `unique` (and `novel`, with a reference) for per-structure use (S.U.N.).
     """
     scored = [r for r in records if not r["error"]]
     valid = [r for r in scored if r["valid"]]
@@ -232,10 +239,14 @@ def summarize(records: list[dict], reference: list[dict] | None = None, test: li
         structures = [Structure.from_dict(r["structure"]) for r in valid]
         unique = matching.unique_mask(structures)
         summary["uniqueness"] = sum(unique) / len(valid) if valid else None
+        for record, flag in zip(valid, unique):
+            record["unique"] = flag
     if reference is not None:
         reference_structures = [Structure.from_dict(r["structure"]) for r in reference]
         unique_structures = [s for s, u in zip(structures, unique) if u]
         novel = matching.novel_mask(unique_structures, reference_structures)
+        for record, flag in zip([r for r, u in zip(valid, unique) if u], novel):
+            record["novel"] = flag
         summary["novelty"] = sum(novel) / len(unique_structures) if unique_structures else None
         summary["reference_size"] = len(reference)
     if test is not None:
@@ -318,9 +329,16 @@ PER_STRUCTURE_OMITTED = ("structure", "structure_fp", "composition_fp")  # bulky
 def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: str | None = None,
              csp_ids: str | Path | None = None, attempts: tuple[int, ...] = (1, 20), coverage: bool = False,
              bond_lengths: bool = False, num_proc: int | None = None, limit: int | None = None,
-             plots: str | Path | None = None, records_path: str | Path | None = None, progress: bool = True) -> dict:
+             ids: list[str] | None = None, plots: str | Path | None = None, records_path: str | Path | None = None, progress: bool = True,
+             stability: RelaxationSettings | None = None, stability_cache: str | Path | None = None) -> dict:
     """Evaluate a collection (see `iter_entries`) and return the summary; optionally write plots, and each
-    structure's record as a JSON line to `records_path` as soon as it is scored.
+    structure's record as a JSON line to `records_path` as soon as it is scored. `ids`: only the entries of these
+    names (e.g. a fixed subset of a split); `limit`: only the first entries.
+
+    `stability` (relaxation settings) relaxes every structurally valid structure with CHGNet and places it
+    against the approximate hull (`crystallm.metrics.stability`); each result goes to the JSON-lines
+    `stability_cache` (default: `default_stability_cache(source)`) as it comes, and a run resumes from it.
+    The S.U.N. rate needs `reference` (novelty).
 
     >>> summary = evaluate("mp20-bt/test", limit=5, num_proc=1, progress=False)
     >>> summary["entries"], summary["validity"]["structural"]
@@ -335,6 +353,9 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
 
     start = time.perf_counter()
     entries = iter_entries(source)
+    if ids is not None:
+        wanted = set(ids)
+        entries = (entry for entry in entries if entry.name in wanted)
     if limit:
         entries = itertools.islice(entries, limit)
     records = []
@@ -345,7 +366,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
             if handle:
                 handle.write(json.dumps({k: v for k, v in record.items() if k not in PER_STRUCTURE_OMITTED}) + "\n")
     # A collection named twice (the test split as input, --test and --csp) is scored once.
-    scored = {str(source): [r for r in records if not r["error"]]} if not limit else {}
+    scored = {str(source): [r for r in records if not r["error"]]} if not limit and ids is None else {}
 
     def collection(name: str, fingerprints: bool = False) -> list[dict]:
         if str(name) not in scored:
@@ -369,9 +390,40 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
             targets = [by_name[name] for name in wanted]
         summary["csp"] = evaluate_csp(records, targets, attempts)
         summary["csp_targets"] = f"{csp}" + (f" ({csp_ids}, {len(targets)} ids)" if csp_ids else "")
+    if stability:
+        summary["stability"] = _evaluate_stability(records, stability, stability_cache or default_stability_cache(
+            source), num_proc, progress, with_novelty=reference is not None)
     summary.update(input=str(source), reference=reference, test=test)
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
     if plots:
         reports.write_plots(records, test_records or reference_records, plots)
     return summary
+
+
+def default_stability_cache(source: str | Path) -> Path:
+    """Where `evaluate` keeps relaxation results: `stability.jsonl` inside a folder, `<file>.stability.jsonl`
+    beside a file, `stability-<split>.jsonl` here for a benchmark split.
+
+    >>> str(default_stability_cache("mp20-bt/test")), str(default_stability_cache("examples"))
+    ('stability-mp20-bt-test.jsonl', 'examples/stability.jsonl')
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path / "stability.jsonl"
+    if path.exists():
+        return path.with_name(path.name + ".stability.jsonl")
+    return Path(f"stability-{str(source).replace('/', '-')}.jsonl")
+
+
+def _evaluate_stability(records: list[dict], settings, cache: str | Path, num_proc: int | None, progress: bool,
+                        with_novelty: bool) -> dict:
+    from crystallm.metrics.stability import stability_records, summarize_stability
+
+    candidates = [(r["name"], Structure.from_dict(r["structure"])) for r in records
+                  if not r["error"] and r["structural_valid"]]
+    results = stability_records(candidates, cache, settings, num_proc=num_proc, progress=progress)
+    flags = {key: {r["name"]: bool(r.get(key)) for r in records} for key in ("unique", "novel")}
+    summary = summarize_stability(results, len(records), flags["unique"] if with_novelty else None,
+                                  flags["novel"] if with_novelty else None)
+    return summary | {"cache": str(cache), "settings": dataclasses.asdict(settings)}

@@ -44,6 +44,11 @@ def markdown_table(summary: dict) -> str:
                     rows.append((f"{group} {key}: {inner}", number))
             else:
                 rows.append((f"{group}: {key}", value))
+    stability = summary.get("stability") or {}
+    for key in ("relaxed", "failed", "stable_rate", "sun_rate", "median_e_above_hull", "median_rmsd",
+                "core_seconds_per_structure"):
+        if stability.get(key) is not None:
+            rows.append((f"stability: {key.replace('_', ' ')}", stability[key]))
     for key, value in (summary.get("generation") or {}).items():
         if value and key != "seconds":  # refine seconds only when a head ran
             rows.append((f"generation: {key.replace('_', ' ')}", value))
@@ -59,6 +64,8 @@ def write_markdown(summary: dict, path: str | Path) -> None:
     for key in ("reference", "test", "csp_targets", "seconds", "structures_per_second"):
         if summary.get(key) is not None:
             lines.append(f"- {key}: {summary[key]}")
+    for key, note in (summary.get("stability") or {}).get("approximations", {}).items():
+        lines.append(f"- stability, {key}: {note}")
     Path(path).write_text("\n".join(lines + ["", markdown_table(summary), ""]))
 
 

@@ -34,8 +34,8 @@ def main() -> None:
             "input": folder, "structures": len(chosen), "relaxed": len(done),
             "mean_energy_per_atom": statistics.fmean(r["energy_per_atom"] for r in done),
             "mean_initial_energy_per_atom": statistics.fmean(r["initial_energy_per_atom"] for r in done),
-            "mean_displacement": statistics.fmean(r["displacement"] for r in done),
-            "median_displacement": statistics.median(r["displacement"] for r in done),
+            "mean_displacement": statistics.fmean(r["mean_displacement"] for r in done),
+            "median_displacement": statistics.median(r["mean_displacement"] for r in done),
             "seconds": time.perf_counter() - started}
         print(label, json.dumps(summary["runs"][label]), flush=True)
     (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,16 +1,66 @@
+import json
 import math
 
-from pymatgen.core import Lattice, Structure
+import pytest
+from pymatgen.core import Composition, Lattice, Structure
 
-from crystallm import serialization
-from crystallm.metrics.stability import relax_structures
+from crystallm import cli, serialization
+from crystallm.metrics.stability import (APPROXIMATIONS, ReferenceHull, RelaxationSettings, read_records,
+                                         relax_structures, stability_records)
 
 
 def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
     structures = [serialization.structure_from_cif(row["cif"], row["id"]) for row in mp20_test_slice[:2]]
     overlapping = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0, 0, 0]])
     results = relax_structures(structures + [overlapping], steps=3)
-    for result in results[:2]:
-        assert result["error"] == "" and math.isfinite(result["energy_per_atom"]) and result["displacement"] >= 0
+    for structure, result in zip(structures, results[:2]):
+        assert result["error"] == "" and math.isfinite(result["energy_per_atom"]) and result["rmsd"] >= 0
         assert result["energy_per_atom"] <= result["initial_energy_per_atom"] + 1e-3  # relaxing goes downhill
-    assert len(results) == 3
+        assert 0 <= result["steps"] <= 3 and len(Structure.from_dict(result["relaxed"])) == len(structure)
+    assert results[2]["error"]  # recorded with its reason, the batch went on
+
+
+def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(mp20_test_slice):
+    hull = ReferenceHull.from_shared_data()
+    for row in mp20_test_slice[:10]:
+        composition = Composition(serialization.structure_from_cif(row["cif"], row["id"]).composition)
+        formation = row["formation_energy_per_atom"]
+        # The total energy per atom that has MP's formation energy, relative to MP's elemental references:
+        energy = formation + sum(composition.get_atomic_fraction(e) * hull.elemental_energies[e.symbol]
+                                 for e in composition.elements)
+        e_hull, recovered = hull.e_above_hull(composition, energy)
+        assert recovered == pytest.approx(formation, abs=1e-9)
+        # The row itself is one of the hull's phases, so it cannot lie below it; the hull holds only some of MP's
+        # phases, so it is never deeper than MP's own: E_hull is at most MP's e_above_hull.
+        assert -1e-6 <= e_hull <= row["e_above_hull"] + 1e-6
+    with pytest.raises(ValueError, match="no elemental reference energy for Og"):
+        hull.e_above_hull(Composition("OgCl"), -1.0)
+
+
+def test_stability_results_are_cached_per_structure_and_a_run_resumes(mp20_test_slice, tmp_path):
+    structures = [(row["id"], serialization.structure_from_cif(row["cif"], row["id"])) for row in mp20_test_slice[:2]]
+    cache = tmp_path / "stability.jsonl"
+    settings = RelaxationSettings(steps=2)
+    first = stability_records(structures[:1], cache, settings, num_proc=1, progress=False)
+    assert first[0]["name"] == structures[0][0] and math.isfinite(first[0]["e_above_hull"])
+    with open(cache, "a") as handle:
+        handle.write('{"name": "cut sho')  # a kill in the middle of a line
+    both = stability_records(structures, cache, settings, num_proc=1, progress=False)
+    assert both[0] == first[0]  # read back, not relaxed again
+    assert [r["name"] for r in read_records(cache)] == [structures[0][0]]  # the cut line ends the readable part
+    assert both[1]["error"] == "" and isinstance(both[1]["stable"], bool)
+
+
+def test_evaluate_stability_command_writes_the_summary_with_its_approximations(mp20_test_slice, tmp_path, capsys):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for row in mp20_test_slice[:2]:
+        (folder / f"{row['id']}.cif").write_text(row["cif"])
+    (folder / "broken.cif").write_text("data_broken\n_cell_length_a 1\n")
+    code = cli.main(["evaluate", str(folder), "--stability", "--relax-steps", "2", "--num-proc", "1", "--quiet",
+                     "--json", str(tmp_path / "summary.json")])
+    assert code == 0 and "stability: stable rate" in capsys.readouterr().out
+    stability = json.loads((tmp_path / "summary.json").read_text())["stability"]
+    assert stability["entries"] == 3 and stability["relaxed"] == 2 and stability["approximations"] == APPROXIMATIONS
+    assert stability["settings"]["steps"] == 2 and stability["sun_rate"] is None  # no --reference, no novelty
+    assert len((folder / "stability.jsonl").read_text().splitlines()) == 2

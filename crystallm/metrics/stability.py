@@ -1,41 +1,373 @@
-"""Stability by a universal interatomic potential: a short CHGNet relaxation (weights inside chgnet's wheel)."""
+"""Stability (DESIGN.md section 5): CHGNet relaxation, MP2020-corrected energies, energy above an approximate
+convex hull, RMSD between generated and relaxed structure, and the S.U.N. rate.
+
+Every approximation is written into each result (`APPROXIMATIONS`):
+- Energies come from CHGNet (its weights ship inside the chgnet wheel), trained on the Materials Project's
+  relaxation trajectories (raw GGA/GGA+U energies). As Matbench Discovery does, pymatgen's
+  MaterialsProject2020Compatibility corrects them, with the Hubbard U values the MP input set would have used
+  for the composition (taken from the compatibility scheme itself); POTCARs are not checked (there are none).
+- The hull is not MP's: pymatgen's PhaseDiagram per chemical system, built from the formation energies in
+  ../shared/data (MP-20 biternary val+test, the MP-20 slices, MPTS-52 val+test, WBM) and MP's elemental
+  reference entries (formation energy 0). A phase missing from these sets is missing from the hull, so E_hull
+  is measured against a hull that is at best as deep as MP's: it tends to be lower than MP's own value.
+- Relaxation: FIRE on positions and cell (ASE's FrechetCellFilter) until the largest force is under `fmax`, at
+  most `steps` steps and `max_seconds` per structure; an unconverged relaxation is kept and flagged.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator
+
 import numpy as np
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
+
+STABLE_E_HULL = 0.1  # eV/atom: the S.U.N. threshold of DESIGN.md
+HULL_SOURCES = ("mp_20_biternary/val", "mp_20_biternary/test", "mp_20_subset_slices/all", "mpts_52/val",
+                "mpts_52/test", "wbm/val")
+ELEMENTAL_REFERENCES = "matbench_discovery/2023-02-07-mp-elemental-reference-entries.json.gz"
+APPROXIMATIONS = {
+    "energy": "CHGNet (chgnet wheel) + MaterialsProject2020Compatibility, U values of the MP input set inferred "
+              "from the composition, POTCARs unchecked",
+    "hull": f"pymatgen PhaseDiagram per chemical system from the formation_energy_per_atom of "
+            f"{', '.join(HULL_SOURCES)} (../shared/data) and MP elemental references; not MP's full hull",
+    "relaxation": "ASE FIRE + FrechetCellFilter (positions and cell), bounded steps and seconds per structure",
+    "stable": f"E_hull < {STABLE_E_HULL} eV/atom",
+    "rmsd": "root mean square of the atoms' displacements (Å) between generated and relaxed structure, "
+            "fractional differences taken the short way, in the relaxed lattice",
+}
 
 
-def mean_displacement(initial: Structure, final: Structure) -> float:
-    """Mean distance (Å) each atom moved, fractional differences taken the short way and measured in the final
+@dataclass(frozen=True)
+class RelaxationSettings:
+    """How far a relaxation may go. A structure whose volume changes by more than `max_volume_ratio` (either
+    way) or whose energy stops being finite has exploded and is recorded as failed."""
+
+    steps: int = 100
+    fmax: float = 0.1  # eV/Å
+    max_seconds: float = 60.0
+    max_volume_ratio: float = 3.0
+
+
+def displacements(initial: Structure, final: Structure) -> np.ndarray:
+    """Distance (Å) each atom moved, fractional differences taken the short way and measured in the final
     lattice.
 
     >>> from pymatgen.core import Lattice
     >>> a = Structure(Lattice.cubic(4.0), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
     >>> b = Structure(Lattice.cubic(4.0), ["Cs", "Cl"], [[0.99, 0, 0], [.5, .5, .5]])
-    >>> round(mean_displacement(a, b), 3)
-    0.02
+    >>> displacements(a, b).round(3).tolist()
+    [0.04, 0.0]
     """
     delta = final.frac_coords - initial.frac_coords
     delta -= np.rint(delta)
-    return float(np.linalg.norm(final.lattice.get_cartesian_coords(delta), axis=1).mean())
+    return np.linalg.norm(final.lattice.get_cartesian_coords(delta), axis=1)
 
 
-def relax_structures(structures: list[Structure], steps: int = 50, fmax: float = 0.1) -> list[dict]:
-    """CHGNet relaxation of each structure (FIRE, at most `steps` steps, cell relaxed too): energy per atom
-    before and after (eV/atom) and the mean atomic displacement (Å); `error` where CHGNet fails."""
-    from chgnet.model import StructOptimizer
+@lru_cache(maxsize=1)
+def _calculator():
+    """One CHGNet calculator per process (loading the model takes a second)."""
+    from chgnet.model.dynamics import CHGNetCalculator
 
-    optimizer = StructOptimizer()
-    results = []
-    for structure in structures:
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the device it runs on
+        return CHGNetCalculator(use_device="cpu", on_isolated_atoms="ignore")
+
+
+def relax_structure(structure: Structure, settings: RelaxationSettings = RelaxationSettings()) -> dict:
+    """Relax one structure with CHGNet. Returns raw CHGNet energies per atom before and after (eV/atom), the
+    relaxed structure (as a dict), the RMSD and mean displacement (Å), steps, whether it converged, seconds and
+    `error` ('' or why it failed: CHGNet raised, the energy is not finite, the cell exploded). Never raises.
+    """
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    started = time.perf_counter()
+    result = {"error": "", "seconds": 0.0}
+    try:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = _calculator()
+        initial_energy = atoms.get_potential_energy() / len(atoms)
+        cell_filter = FrechetCellFilter(atoms)
+        steps, converged = 0, False
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimizer = FIRE(cell_filter, logfile=None)
+            for converged in optimizer.irun(fmax=settings.fmax, steps=settings.steps):
+                steps = optimizer.nsteps
+                if converged or time.perf_counter() - started > settings.max_seconds:
+                    break
+        energy = atoms.get_potential_energy() / len(atoms)
+        relaxed = AseAtomsAdaptor.get_structure(atoms)
+        for key in list(relaxed.site_properties):
+            relaxed.remove_site_property(key)
+        ratio = relaxed.volume / structure.volume
+        if not (math.isfinite(energy) and math.isfinite(initial_energy)):
+            raise FloatingPointError("the CHGNet energy is not finite")
+        if not 1 / settings.max_volume_ratio <= ratio <= settings.max_volume_ratio:
+            raise FloatingPointError(f"the cell exploded: its volume changed {ratio:.2f} times")
+        moved = displacements(structure, relaxed)
+        result.update(initial_energy_per_atom=float(initial_energy), energy_per_atom=float(energy),
+                      rmsd=float(np.sqrt(np.mean(moved ** 2))), mean_displacement=float(moved.mean()),
+                      steps=int(steps), converged=bool(converged), relaxed=relaxed.as_dict())
+    except Exception as error:  # a pathological cell must not stop the batch: recorded with its reason
+        result["error"] = f"{type(error).__name__}: {error}"
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def relax_structures(structures: list[Structure], steps: int = 50, fmax: float = 0.1,
+                     max_seconds: float = 60.0) -> list[dict]:
+    """`relax_structure` for each structure, in order (see it for the fields).
+
+    >>> from pymatgen.core import Lattice
+    >>> cscl = Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    >>> [result] = relax_structures([cscl], steps=5)
+    >>> result["error"], result["energy_per_atom"] < 0
+    ('', True)
+    """
+    settings = RelaxationSettings(steps=steps, fmax=fmax, max_seconds=max_seconds)
+    return [relax_structure(structure, settings) for structure in structures]
+
+
+@lru_cache(maxsize=1)
+def _compatibility():
+    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
+
+    return MaterialsProject2020Compatibility(check_potcar=False)
+
+
+def mp2020_corrected_energy(structure: Structure, energy: float) -> float:
+    """A structure's total energy (eV) with the MP2020 corrections (anion, GGA/GGA+U mixing) applied, the
+    Hubbard U values being those MP's input set gives this composition. Raises ValueError if the scheme refuses
+    the composition.
+
+    >>> from pymatgen.core import Lattice
+    >>> feo = Structure(Lattice.cubic(4.3), ["Fe", "O"], [[0, 0, 0], [.5, .5, .5]])
+    >>> round(mp2020_corrected_energy(feo, -10.0) + 10.0, 3)  # Fe's U correction and the oxide correction
+    -2.943
+    """
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+
+    compatibility = _compatibility()
+    elements = sorted(structure.composition.elements, key=lambda e: e.X if math.isfinite(e.X) else math.inf)
+    u_values = compatibility.u_settings.get(elements[-1].symbol, {})
+    hubbards = {e.symbol: float(u_values[e.symbol]) for e in elements if u_values.get(e.symbol)}
+    entry = ComputedStructureEntry(structure, energy, parameters={"run_type": "GGA+U" if hubbards else "GGA",
+                                                                  "hubbards": hubbards})
+    with warnings.catch_warnings():  # oxidation-state guessing notes
+        warnings.simplefilter("ignore")
+        processed = compatibility.process_entry(entry)
+    if processed is None:
+        raise ValueError(f"MP2020 compatibility refuses {structure.composition.reduced_formula}")
+    return float(processed.energy)
+
+
+class ReferenceHull:
+    """The approximate convex hull of formation energies (see the module's notes), one pymatgen PhaseDiagram
+    per chemical system, built when first asked for.
+
+    >>> hull = ReferenceHull.from_shared_data()
+    >>> e_hull, formation = hull.e_above_hull(Composition("NaCl"), -2.0)
+    >>> round(formation - e_hull, 2)  # NaCl's hull energy: MP's formation energy of rock salt NaCl
+    -2.11
+    """
+
+    def __init__(self, formation_energies: list[tuple[Composition, float]], elemental_energies: dict[str, float]):
+        from pymatgen.analysis.phase_diagram import PDEntry
+
+        self.elemental_energies = elemental_energies
+        self._by_system: dict[frozenset, list] = {}
+        for composition, energy in formation_energies:
+            key = frozenset(e.symbol for e in composition.elements)
+            self._by_system.setdefault(key, []).append(PDEntry(composition, energy * composition.num_atoms))
+        self._diagrams: dict[frozenset, object] = {}
+
+    @classmethod
+    def from_shared_data(cls, sources: tuple[str, ...] = HULL_SOURCES) -> "ReferenceHull":
+        """The hull from ../shared/data: the formation energies of `sources` and MP's elemental references."""
+        return _shared_hull(sources)
+
+    def formation_energy(self, composition: Composition, energy_per_atom: float) -> float:
+        """Formation energy per atom (eV/atom) of a corrected total energy per atom, from MP's elemental
+        references. Raises ValueError for an element without one."""
+        missing = [e.symbol for e in composition.elements if e.symbol not in self.elemental_energies]
+        if missing:
+            raise ValueError(f"no elemental reference energy for {', '.join(missing)}")
+        fractions = composition.fractional_composition
+        return energy_per_atom - sum(fractions[e] * self.elemental_energies[e.symbol] for e in composition.elements)
+
+    def e_above_hull(self, composition: Composition, energy_per_atom: float) -> tuple[float, float]:
+        """(E_hull, formation energy), both eV/atom, of a composition at a corrected energy per atom. E_hull is
+        negative for a structure below the hull of the known phases."""
+        from pymatgen.analysis.phase_diagram import PDEntry
+
+        formation = self.formation_energy(composition, energy_per_atom)
+        diagram = self._diagram(frozenset(e.symbol for e in composition.elements))
+        _, e_hull = diagram.get_decomp_and_e_above_hull(PDEntry(composition, formation * composition.num_atoms),
+                                                        allow_negative=True)
+        return float(e_hull), float(formation)
+
+    def _diagram(self, system: frozenset):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+        if system not in self._diagrams:
+            entries = [PDEntry(Composition(symbol), 0.0) for symbol in system]  # the elements: formation energy 0
+            for size in range(1, len(system) + 1):
+                for subsystem in itertools.combinations(sorted(system), size):
+                    entries += self._by_system.get(frozenset(subsystem), [])
+            self._diagrams[system] = PhaseDiagram(entries)
+        return self._diagrams[system]
+
+
+@lru_cache(maxsize=4)
+def _shared_hull(sources: tuple[str, ...]) -> ReferenceHull:
+    import gzip
+    import re
+
+    from crystallm import data
+
+    formation_energies = []
+    for name in sources:
+        dataset = data.load_source(name)
+        for cif, energy in zip(dataset["cif"], dataset["formation_energy_per_atom"]):
+            formula = re.search(r"_chemical_formula_sum\s+'?([^'\n]+)", cif)
+            if formula and energy is not None and math.isfinite(energy):
+                formation_energies.append((Composition(formula.group(1)), float(energy)))
+    with gzip.open(data.data_dir() / ELEMENTAL_REFERENCES, "rt") as handle:
+        references = json.load(handle)
+    elemental = {symbol: entry["energy"] / sum(entry["composition"].values()) for symbol, entry in references.items()}
+    return ReferenceHull(formation_energies, elemental)
+
+
+def stability_of(structure: Structure, hull: ReferenceHull,
+                 settings: RelaxationSettings = RelaxationSettings()) -> dict:
+    """Relax a structure, correct its energy and place it against the hull: `relax_structure`'s fields plus
+    `corrected_energy_per_atom`, `formation_energy_per_atom`, `e_above_hull` (eV/atom) and `stable`."""
+    result = relax_structure(structure, settings)
+    if result["error"]:
+        return result
+    relaxed = Structure.from_dict(result["relaxed"])
+    try:
+        corrected = mp2020_corrected_energy(relaxed, result["energy_per_atom"] * len(relaxed)) / len(relaxed)
+        e_hull, formation = hull.e_above_hull(relaxed.composition, corrected)
+    except ValueError as error:
+        return result | {"error": f"ValueError: {error}"}
+    return result | {"corrected_energy_per_atom": corrected, "formation_energy_per_atom": formation,
+                     "e_above_hull": e_hull, "stable": e_hull < STABLE_E_HULL}
+
+
+def _worker_start() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core beats two threads on these small graphs
+
+
+def _stability_star(args) -> dict:
+    name, structure_dict, settings = args
+    return {"name": name, **stability_of(Structure.from_dict(structure_dict), ReferenceHull.from_shared_data(),
+                                         settings)}
+
+
+def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | Path,
+                      settings: RelaxationSettings = RelaxationSettings(), num_proc: int | None = None,
+                      progress: bool = True) -> list[dict]:
+    """`stability_of` for each (name, structure), in order, with a progress bar; each result is appended to the
+    JSON-lines `cache` as soon as it is known, and names already there are not relaxed again (a killed run
+    resumes). Worker processes (default: one per core) each hold a CHGNet.
+    """
+    import multiprocessing
+    import os
+
+    from tqdm import tqdm
+
+    structures = list(structures)
+    cache = Path(cache)
+    done = {record["name"]: record for record in read_records(cache)}
+    todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
+    num_proc = num_proc or os.cpu_count() or 1
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "a") as handle, tqdm(total=len(structures), initial=len(structures) - len(todo),
+                                          desc="relaxing", unit=" structures", disable=not progress) as bar:
+        context = multiprocessing.get_context("spawn") if num_proc > 1 and todo else None
+        with context.Pool(num_proc, _worker_start) if context else contextlib.nullcontext() as pool:
+            results = pool.imap(_stability_star, todo) if pool else map(_stability_star, todo)
+            for record in results:
+                line = json.dumps(record)
+                handle.write(line + "\n")
+                handle.flush()
+                done[record["name"]] = json.loads(line)  # as a resumed run will read it
+                bar.update(1)
+    return [done[name] for name, _ in structures]
+
+
+def read_records(path: str | Path) -> Iterator[dict]:
+    """The records of a JSON-lines cache; a last line cut short by a kill is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
         try:
-            relaxed = optimizer.relax(structure, steps=steps, fmax=fmax, verbose=False)
-            energies = relaxed["trajectory"].energies
-            results.append({"energy_per_atom": float(energies[-1]) / len(structure),
-                             "initial_energy_per_atom": float(energies[0]) / len(structure),
-                             "displacement": mean_displacement(structure, relaxed["final_structure"]),
-                             "steps": len(energies), "error": ""})
-        except Exception as error:  # a pathological cell (e.g. overlapping atoms) must not stop the batch
-            results.append({"error": f"{type(error).__name__}: {error}"})
-    return results
+            yield json.loads(line)
+        except ValueError:
+            break
+
+
+def summarize_stability(records: list[dict], entries: int, unique: dict[str, bool] | None = None,
+                        novel: dict[str, bool] | None = None) -> dict:
+    """Rates over all `entries` evaluated (unreadable and invalid ones count as not stable): stable share,
+    S.U.N. rate (stable, unique among the samples, novel against the training set: `unique` and `novel` map
+    names to flags), medians of E_hull and RMSD over the relaxed ones, seconds per structure, failures by reason.
+
+    >>> records = [{"name": "a", "error": "", "e_above_hull": 0.02, "stable": True, "rmsd": 0.1, "seconds": 2.0},
+    ...            {"name": "b", "error": "FloatingPointError: the cell exploded", "seconds": 1.0}]
+    >>> summary = summarize_stability(records, entries=4, unique={"a": True}, novel={"a": True})
+    >>> summary["stable_rate"], summary["sun_rate"], summary["failed"], summary["median_rmsd"]
+    (0.25, 0.25, 1, 0.1)
+    """
+    relaxed = [r for r in records if not r["error"]]
+    stable = [r for r in relaxed if r["stable"]]
+    reasons: dict[str, int] = {}
+    for r in records:
+        if r["error"]:
+            reason = r["error"].split(":")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    summary = {
+        "entries": entries, "relaxed": len(relaxed), "failed": len(records) - len(relaxed),
+        "failure_reasons": reasons, "stable": len(stable), "stable_rate": len(stable) / entries if entries else None,
+        "median_e_above_hull": float(np.median([r["e_above_hull"] for r in relaxed])) if relaxed else None,
+        "median_rmsd": float(np.median([r["rmsd"] for r in relaxed])) if relaxed else None,
+        "converged": sum(bool(r.get("converged")) for r in relaxed),
+        "core_seconds_per_structure": float(np.mean([r["seconds"] for r in records])) if records else None,
+        "approximations": APPROXIMATIONS, "sun": None, "sun_rate": None,
+    }
+    if unique is not None and novel is not None:
+        sun = [r for r in stable if unique.get(r["name"]) and novel.get(r["name"])]
+        summary.update(sun=len(sun), sun_rate=len(sun) / entries if entries else None)
+    return summary
+
+
+
+def e_hull_agreement(records: list[dict], known: dict[str, float], threshold: float = STABLE_E_HULL) -> dict:
+    """How E_hull by this method compares with known values (e.g. MP's e_above_hull column) for the relaxed
+    records whose name has one: mean absolute error, median of each, and the share under `threshold` by each.
+
+    >>> agreement = e_hull_agreement([{"name": "a", "error": "", "e_above_hull": 0.05}], {"a": 0.0})
+    >>> agreement["rows"], round(agreement["mae"], 3), agreement["stable_share_known"]
+    (1, 0.05, 1.0)
+    """
+    pairs = [(r["e_above_hull"], known[r["name"]]) for r in records if not r["error"] and r["name"] in known]
+    ours, theirs = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    if not pairs:
+        return {"rows": 0}
+    return {"rows": len(pairs), "mae": float(np.mean(np.abs(ours - theirs))),
+            "median": float(np.median(ours)), "median_known": float(np.median(theirs)),
+            "stable_share": float(np.mean(ours < threshold)), "stable_share_known": float(np.mean(theirs < threshold))}

@@ -1,0 +1,40 @@
+"""Stage: the stability protocol (DESIGN.md section 5) on a collection: CHGNet relaxation of every structurally
+valid structure, E_hull against the approximate hull, RMSD and S.U.N. (crystallm/metrics/stability.py).
+
+    python eval/stability.py configs/eval-stability-mp20bt-test500.yaml
+
+Resumable: relaxation results go to `<output_dir>/stability.jsonl` as they come. Writes `summary.json` and
+`summary.md`; with `known_column`, also the agreement of E_hull with that column of the input split.
+"""
+
+import time
+from pathlib import Path
+
+from crystallm import data, evaluation, reports
+from crystallm.metrics.stability import RelaxationSettings, e_hull_agreement, read_records
+from crystallm.stages import read_stage_config
+
+
+def main() -> None:
+    config = read_stage_config(__doc__)
+    out = Path(config["output_dir"])
+    ids = evaluation.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
+    started = time.perf_counter()
+    summary = evaluation.evaluate(config["input"], reference=config.get("reference"), ids=ids,
+                                  limit=config.get("limit"), num_proc=config.get("num_proc"),
+                                  stability=RelaxationSettings(**config.get("relaxation", {})),
+                                  stability_cache=out / "stability.jsonl")
+    summary["stability"]["wall_seconds_per_structure"] = (time.perf_counter() - started) / summary["entries"]
+    if config.get("known_column"):
+        benchmark, _, split = config["input"].partition("/")
+        dataset = data.load_split(benchmark, split)
+        known = dict(zip(dataset["id"], dataset[config["known_column"]]))
+        summary["stability"]["agreement_with_" + config["known_column"]] = e_hull_agreement(
+            list(read_records(out / "stability.jsonl")), known)
+    reports.write_json(summary, out / "summary.json")
+    reports.write_markdown(summary, out / "summary.md")
+    print(reports.markdown_table(summary))
+
+
+if __name__ == "__main__":
+    main()
