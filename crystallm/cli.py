@@ -172,6 +172,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a model folder (with its adapters and a generated model card) to the Hugging Face Hub."""
+    from crystallm.hub import push_to_hub
+
+    url = push_to_hub(args.model_dir, args.repo_id, private=args.private, adapters=args.adapters)
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crystallm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--fp32", action="store_true", help="no bf16 autocast on CPU (slower)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
+
+    push = commands.add_parser("push", help="push a model folder, its adapters and a model card to the Hub")
+    push.add_argument("model_dir", help="a model folder (save_pretrained layout, adapters in adapters/<name>/)")
+    push.add_argument("repo_id", help="the Hub repository, user/name (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--adapters", nargs="*", help="the adapters to push (default: all in the folder)")
+    push.set_defaults(run=cmd_push)
     return parser
 
 

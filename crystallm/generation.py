@@ -188,10 +188,11 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
     >>> model.config.model_type, len(tokenizer)
     ('crystallm', 1394)
     """
+    from crystallm.hub import resolve_model_folder
     from crystallm.modeling import load_model
     from crystallm.tokenization import CrystaLLMTokenizer
 
-    source = str(model or DEFAULT_MODEL)
+    source = str(resolve_model_folder(model or DEFAULT_MODEL))  # a Hub id becomes its cached snapshot
     loaded = load_model(source)
     tokenizer = CrystaLLMTokenizer.from_pretrained(source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

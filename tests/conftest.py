@@ -4,8 +4,13 @@ import random
 import warnings
 
 import pytest
+import torch
 
 from crystallm import data, serialization
+from crystallm.configuration import CrystaLLMConfig
+from crystallm.modeling import CrystaLLMForCausalLM
+from crystallm.tokenization import CrystaLLMTokenizer
+from crystallm.training import train_adapter
 
 warnings.filterwarnings("ignore", module="pymatgen")
 
@@ -40,3 +45,31 @@ def nacl_cif() -> str:
 @pytest.fixture(scope="session")
 def nacl_text(nacl_cif) -> str:
     return serialization.serialize_structure(serialization.structure_from_cif(nacl_cif))
+
+
+def _save_tiny_model(directory):
+    """An untrained 1-layer model (32 wide, 256 positions) and the tokenizer, saved as a user's model folder."""
+    tokenizer = CrystaLLMTokenizer.from_format()
+    torch.manual_seed(0)
+    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256)
+    CrystaLLMForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained 1-layer model saved as a user's model folder (model + tokenizer)."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def model_with_adapters(tmp_path_factory):
+    """A tiny untrained base model folder with two adapters trained 3 steps each on real corpus rows, saved
+    beside it (`<model>/adapters/<property>/`) as the shipped model keeps them."""
+    base = _save_tiny_model(tmp_path_factory.mktemp("model-with-adapters"))
+    for name in ("band_gap", "formation_energy_per_atom"):
+        train_adapter({"model": str(base), "property": name, "corpus": "data/pretraining-corpus.csv.gz",
+                       "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
+                       "max_steps": 3, "rank": 4})
+    return base

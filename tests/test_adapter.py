@@ -6,31 +6,12 @@ from peft import PeftModel
 
 from crystallm import cli, serialization
 from crystallm.adapters import available_adapters, use_adapter
-from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 from crystallm.generation import Prompt, generate_structures, load_generator
-from crystallm.modeling import CrystaLLMForCausalLM, load_model
+from crystallm.modeling import load_model
 from crystallm.tokenization import CrystaLLMTokenizer
-from crystallm.training import train_adapter
 
 PROPERTIES = ("band_gap", "formation_energy_per_atom")
-
-
-@pytest.fixture(scope="module")
-def model_with_adapters(tmp_path_factory):
-    """A tiny untrained base model folder with two adapters trained 3 steps each on real corpus rows, saved
-    beside it (`<model>/adapters/<property>/`) as the shipped model keeps them."""
-    base = tmp_path_factory.mktemp("model-with-adapters")
-    tokenizer = CrystaLLMTokenizer.from_format()
-    torch.manual_seed(0)
-    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256)
-    CrystaLLMForCausalLM(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    for name in PROPERTIES:
-        train_adapter({"model": str(base), "property": name, "corpus": "data/pretraining-corpus.csv.gz",
-                       "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
-                       "max_steps": 3, "rank": 4})
-    return base
 
 
 def test_an_adapter_trains_on_a_frozen_base_saves_by_name_and_leaves_the_base_unchanged(model_with_adapters):

@@ -20,18 +20,6 @@ from crystallm.tokenization import CrystaLLMTokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """An untrained 1-layer model saved as a user's model folder (model + tokenizer)."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = CrystaLLMTokenizer.from_format()
-    torch.manual_seed(0)
-    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256)
-    CrystaLLMForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return load_generator(tiny_model_dir, device="cpu")
 
