@@ -169,6 +169,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(reports.markdown_table(summary))
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
+    if args.rank == "chgnet":
+        _rank_by_chgnet(folder, progress=not args.quiet)
+    return 0
+
+
+def _rank_by_chgnet(folder, progress: bool) -> None:
+    """Relax every structurally valid sample and write ranking.csv, lowest relaxed energy per atom first."""
+    from pymatgen.core import Structure
+
+    from crystallm import reports
+    from crystallm.metrics.stability import rank_by_energy
+
+    ranking = rank_by_energy(folder.valid_structures(), folder.directory / "stability.jsonl", progress=progress)
+    columns = ("rank", "name", "formula", "energy_per_atom", "e_above_hull", "rmsd", "converged", "error")
+    rows = [{key: record.get(key) for key in columns} | {"formula": Structure.from_dict(
+        record["relaxed"]).composition.reduced_formula if "relaxed" in record else ""} for record in ranking]
+    reports.write_csv(rows, folder.directory / "ranking.csv")
+    for row in rows[:5]:
+        energy = "failed: " + row["error"] if row["error"] else f"{row['energy_per_atom']:.4f} eV/atom (CHGNet), " \
+            f"E_hull {row['e_above_hull']:.3f}"
+        print(f"{row['rank']}. {row['name']} {row['formula']}: {energy}")
+    print(f"ranked {len(rows)} structures by relaxed CHGNet energy: {folder.directory}/ranking.csv")
+
+
+def cmd_design(args: argparse.Namespace) -> int:
+    """Property targets -> candidates -> a screened, ranked shortlist (see `crystallm.design`)."""
+    from crystallm import generation
+    from crystallm.design import plan_design, run_design
+    from crystallm.hub import resolve_model_folder
+    from crystallm.metrics.stability import RelaxationSettings
+
+    folder = resolve_model_folder(args.model or generation.DEFAULT_MODEL)
+    plan = plan_design(folder, args.target, args.elements or args.chemical_system, num=args.num, top=args.top,
+                       guidance=args.guidance, e_hull_max=args.e_hull_max, seed=args.seed,
+                       batch_size=args.batch_size, relaxation=RelaxationSettings(steps=args.relax_steps))
+    model, tokenizer = generation.load_generator(folder, args.device)  # every input is checked before this
+    funnel = run_design(model, tokenizer, plan, args.out, progress=not args.quiet)
+    print(" -> ".join(f"{stage} {count}" for stage, count in funnel.items()))
+    print(f"wrote {args.out}/shortlist.csv, funnel.json, report.md")
     return 0
 
 
@@ -245,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(eV for band_gap, eV/atom for formation_energy_per_atom)")
     generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
+    generate.add_argument("--attempts", type=int, dest="num", default=argparse.SUPPRESS, help="the same as --num (CSP: attempts at a formula)")
+    generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "
+                          "ranking.csv, lowest energy first (the best CSP guess first)")
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
     generate.add_argument("--batch-size", type=int, default=32)
     generate.add_argument("--seed", type=int, default=0)
@@ -262,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--fp32", action="store_true", help="no bf16 autocast on CPU (slower)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
+
+    design = commands.add_parser("design", help="property targets -> screened, ranked shortlist of new crystals")
+    design.add_argument("--target", action="append", default=[], help="PROPERTY=VALUE[:TOLERANCE], e.g. "
+                        "band_gap=2.0 (repeat for several properties; default tolerances 0.5 eV, 0.25 eV/atom)")
+    design.add_argument("--elements", help="only compounds of exactly these elements, e.g. Li,Fe,P,O")
+    design.add_argument("--chemical-system", help="the same as a system, e.g. Li-Fe-P-O")
+    design.add_argument("--num", type=int, default=2000, help="candidates to generate (split between targets)")
+    design.add_argument("--top", type=int, default=50, help="length of the shortlist")
+    design.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    design.add_argument("--e-hull-max", type=float, default=0.1, help="E_hull threshold, eV/atom")
+    design.add_argument("--relax-steps", type=int, default=100, help="CHGNet FIRE steps at most per structure")
+    design.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
+    design.add_argument("--out", default="design", help="output folder (default ./design); rerun to resume")
+    design.add_argument("--seed", type=int, default=0)
+    design.add_argument("--batch-size", type=int, default=32)
+    design.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    design.add_argument("--quiet", action="store_true", help="no progress bars")
+    design.set_defaults(run=cmd_design)
 
     push = commands.add_parser("push", help="push a model folder, its adapters and a model card to the Hub")
     push.add_argument("model_dir", help="a model folder (save_pretrained layout, adapters in adapters/<name>/)")

@@ -301,20 +301,27 @@ def csp_prompts(split: str, ids_file: str | Path, attempts: int) -> tuple[list, 
     return prompts, names
 
 
-def evaluate_csp(records: list[dict], targets: list[dict], attempts: tuple[int, ...] = (1, 20)) -> dict:
+def evaluate_csp(records: list[dict], targets: list[dict], attempts: tuple[int, ...] = (1, 20),
+                 energies: dict[str, float] | None = None) -> dict:
     """CSP match rate and mean RMS at each n in `attempts`. Predictions are grouped by target id (entry names
-    '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched."""
-    predictions: dict[str, list[Structure | None]] = {}
+    '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched. With `energies`
+    (entry name -> relaxed energy per atom), `ranked n=1` is the match rate of each target's lowest-energy
+    prediction: what a user who takes the first of the ranked attempts gets (no energy: ranked last)."""
+    predictions: dict[str, list[tuple[str, Structure | None]]] = {}
     for r in records:
         structure = None if r["error"] else Structure.from_dict(r["structure"])
-        predictions.setdefault(csp_targets(r["name"]), []).append(structure)
+        predictions.setdefault(csp_targets(r["name"]), []).append((r["name"], structure))
     target_structures = [Structure.from_dict(t["structure"]) for t in targets]
-    candidates = [predictions.get(t["name"], []) for t in targets]
+    groups = [predictions.get(t["name"], []) for t in targets]
+    orders = {f"n={n}": ([[s for _, s in group] for group in groups], n) for n in attempts}
+    if energies is not None:
+        orders["ranked n=1"] = ([[s for _, s in sorted(group, key=lambda p: energies.get(p[0], math.inf))]
+                                 for group in groups], 1)
     results = {}
-    for n in attempts:
+    for key, (candidates, n) in orders.items():
         result, _ = matching.csp_match(target_structures, candidates, n)
-        results[f"n={n}"] = {"match_rate": result.match_rate, "mean_rms": result.mean_rms,
-                             "matched": result.matched, "targets": result.targets}
+        results[key] = {"match_rate": result.match_rate, "mean_rms": result.mean_rms,
+                        "matched": result.matched, "targets": result.targets}
     return results
 
 
@@ -330,7 +337,8 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
              csp_ids: str | Path | None = None, attempts: tuple[int, ...] = (1, 20), coverage: bool = False,
              bond_lengths: bool = False, num_proc: int | None = None, limit: int | None = None,
              ids: list[str] | None = None, plots: str | Path | None = None, records_path: str | Path | None = None, progress: bool = True,
-             stability: RelaxationSettings | None = None, stability_cache: str | Path | None = None) -> dict:
+             stability: RelaxationSettings | None = None, stability_cache: str | Path | None = None,
+             csp_energies: dict[str, float] | None = None) -> dict:
     """Evaluate a collection (see `iter_entries`) and return the summary; optionally write plots, and each
     structure's record as a JSON line to `records_path` as soon as it is scored. `ids`: only the entries of these
     names (e.g. a fixed subset of a split); `limit`: only the first entries.
@@ -338,7 +346,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     `stability` (relaxation settings) relaxes every structurally valid structure with CHGNet and places it
     against the approximate hull (`crystallm.metrics.stability`); each result goes to the JSON-lines
     `stability_cache` (default: `default_stability_cache(source)`) as it comes, and a run resumes from it.
-    The S.U.N. rate needs `reference` (novelty).
+    The S.U.N. rate needs `reference` (novelty). `csp_energies` adds CSP's `ranked n=1` (see `evaluate_csp`).
 
     >>> summary = evaluate("mp20-bt/test", limit=5, num_proc=1, progress=False)
     >>> summary["entries"], summary["validity"]["structural"]
@@ -388,7 +396,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
             if missing:
                 raise CrystaLLMInputError(f"{csp_ids}: {len(missing)} ids are not in {csp}, e.g. {missing[:3]}")
             targets = [by_name[name] for name in wanted]
-        summary["csp"] = evaluate_csp(records, targets, attempts)
+        summary["csp"] = evaluate_csp(records, targets, attempts, csp_energies)
         summary["csp_targets"] = f"{csp}" + (f" ({csp_ids}, {len(targets)} ids)" if csp_ids else "")
     if stability:
         summary["stability"] = _evaluate_stability(records, stability, stability_cache or default_stability_cache(

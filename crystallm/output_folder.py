@@ -127,6 +127,12 @@ class GenerationFolder:
         self.records += records
         reports.write_json(self.summary(uniqueness=False), self.directory / "summary.json")
 
+    def valid_structures(self) -> list[tuple[str, Structure]]:
+        """(name, structure) of the samples on disk that are structurally valid (the ones worth relaxing)."""
+        return [(entry["name"], Structure.from_dict(record["structure"]))
+                for entry, record in zip(self.entries, self.records)
+                if not record["error"] and record["structural_valid"]]
+
     def finish(self) -> dict:
         """The complete summary (uniqueness included), written to summary.json and returned."""
         summary = self.summary()

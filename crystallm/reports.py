@@ -20,6 +20,26 @@ def replace_file(path: Path, content: bytes) -> None:
     scratch.replace(path)
 
 
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """Rows as CSV (columns in order of first appearance), replaced atomically.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.csv"
+    >>> write_csv([{"rank": 1, "name": "x"}, {"rank": 2, "name": "y", "note": "z"}], path)
+    >>> path.read_text().splitlines()
+    ['rank,name,note', '1,x,', '2,y,z']
+    """
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(dict.fromkeys(key for row in rows for key in row)) or ["name"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_file(Path(path), buffer.getvalue().encode())
+
+
 def markdown_table(summary: dict) -> str:
     """The headline numbers of a summary as a Markdown table (also printed by `crystallm evaluate`)."""
     rows = [("entries", summary["entries"]), ("unreadable", summary["unreadable"])]

@@ -93,6 +93,18 @@ def fit_surrogate(model, tokenizer, property_name: str, texts: list[str], values
     return SurrogatePredictor(property_name, candidates[best]().fit(features, values), errors)
 
 
+def save_surrogate(predictor: SurrogatePredictor, report: dict, directory: str | Path) -> None:
+    """Write a predictor and its report where `load_surrogate` finds them (`<model>/surrogates/<property>/`)."""
+    import json
+
+    import joblib
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    joblib.dump(predictor, directory / "predictor.joblib")
+    (directory / "report.json").write_text(json.dumps(report, indent=1))
+
+
 def load_surrogate(directory: str | Path) -> tuple[SurrogatePredictor, dict]:
     """The predictor `train/surrogate.py` saved in `directory` and its report (held-out MAE under
     `report["held_out"]["mae"]`). A missing one says which command makes it."""

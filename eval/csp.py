@@ -5,12 +5,15 @@ for each target formula, then match them to the targets.
 
 `model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
 `crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.
+With `rank: chgnet`, every structurally valid attempt is relaxed by CHGNet (`stability.jsonl`, resumable) and
+the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken.
 """
 
 from pathlib import Path
 
 from crystallm import evaluation, reports
 from crystallm.generation import load_generator
+from crystallm.metrics.stability import RelaxationSettings, rank_by_energy
 from crystallm.output_folder import GenerationFolder, generate_into
 from crystallm.stages import read_stage_config
 
@@ -28,8 +31,14 @@ def main() -> None:
                 "attempts": attempts, **sampling, "num": len(prompts)}
     folder = GenerationFolder(out / "generated", settings, resume=True)
     generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
+    energies = None
+    if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
+        ranking = rank_by_energy(folder.valid_structures(), out / "stability.jsonl",
+                                 RelaxationSettings(**config.get("relaxation", {})))
+        energies = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
     summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=config["ids"],
-                                  attempts=(attempts,), records_path=out / "records.jsonl")
+                                  attempts=tuple(sorted({1, attempts})), records_path=out / "records.jsonl",
+                                  csp_energies=energies)
     summary["generation"] = generation["generation"]
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")

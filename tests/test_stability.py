@@ -64,3 +64,28 @@ def test_evaluate_stability_command_writes_the_summary_with_its_approximations(m
     assert stability["entries"] == 3 and stability["relaxed"] == 2 and stability["approximations"] == APPROXIMATIONS
     assert stability["settings"]["steps"] == 2 and stability["sun_rate"] is None  # no --reference, no novelty
     assert len((folder / "stability.jsonl").read_text().splitlines()) == 2
+
+
+def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_slice, tmp_path):
+    from crystallm.metrics.stability import rank_by_energy
+
+    real = serialization.structure_from_cif(mp20_test_slice[0]["cif"])
+    squeezed = real.copy()
+    squeezed.scale_lattice(real.volume * 0.7)  # the same crystal compressed: higher in energy
+    overlapping = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0, 0, 0]])
+    ranking = rank_by_energy([("squeezed", squeezed), ("broken", overlapping), ("real", real)],
+                             tmp_path / "cache.jsonl", RelaxationSettings(steps=0), progress=False)
+    assert [r["name"] for r in ranking] == ["real", "squeezed", "broken"] and [r["rank"] for r in ranking] == [1, 2, 3]
+
+
+def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():
+    from crystallm.evaluation import evaluate_csp
+
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    cesium_chloride = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    records = [{"name": "t__0", "error": "", "structure": cesium_chloride.as_dict()},
+               {"name": "t__1", "error": "", "structure": rock_salt.as_dict()}]
+    targets = [{"name": "t", "structure": rock_salt.as_dict()}]
+    result = evaluate_csp(records, targets, (1, 2), energies={"t__0": -3.0, "t__1": -3.4})
+    assert result["n=1"]["match_rate"] == 0.0 and result["n=2"]["match_rate"] == 1.0
+    assert result["ranked n=1"]["match_rate"] == 1.0

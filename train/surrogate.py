@@ -8,15 +8,13 @@ held-out MAE, and the MAE of always predicting the training mean, for scale).
 """
 
 import json
-from pathlib import Path
 
-import joblib
 import numpy as np
 
 from crystallm.data import PROPERTY_UNITS
 from crystallm.generation import load_generator
 from crystallm.stages import read_stage_config
-from crystallm.surrogate import fit_surrogate, labelled_texts
+from crystallm.surrogate import fit_surrogate, labelled_texts, save_surrogate
 
 
 def main() -> None:
@@ -32,9 +30,7 @@ def main() -> None:
               "held_out": {"sources": config["test_sources"], "rows": len(test_texts),
                            "mae": float(np.mean(np.abs(predicted - test_values))),
                            "mae_of_training_mean": float(np.mean(np.abs(values.mean() - test_values)))}}
-    out = Path(config["output_dir"])
-    joblib.dump(predictor, out / "predictor.joblib")
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    save_surrogate(predictor, report, config["output_dir"])
     print(json.dumps(report, indent=1))
 
 

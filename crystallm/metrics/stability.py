@@ -371,3 +371,14 @@ def e_hull_agreement(records: list[dict], known: dict[str, float], threshold: fl
     return {"rows": len(pairs), "mae": float(np.mean(np.abs(ours - theirs))),
             "median": float(np.median(ours)), "median_known": float(np.median(theirs)),
             "stable_share": float(np.mean(ours < threshold)), "stable_share_known": float(np.mean(theirs < threshold))}
+
+
+def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
+                   settings: RelaxationSettings = RelaxationSettings(), progress: bool = True) -> list[dict]:
+    """Relax each (name, structure) (`stability_records`, resumable through `cache`) and return their results
+    ordered by relaxed CHGNet energy per atom, lowest first, each with its `rank` (1 = best guess); structures
+    whose relaxation failed come last, in input order.
+    """
+    results = stability_records(structures, cache, settings, progress=progress)
+    ordered = sorted(results, key=lambda r: (bool(r["error"]), r.get("energy_per_atom", math.inf)))
+    return [{"rank": rank, **record} for rank, record in enumerate(ordered, 1)]
