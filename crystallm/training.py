@@ -319,6 +319,8 @@ def train_adapter(config: dict) -> Path:
                       target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                       trainable_token_indices=condition_ids)
     model = get_peft_model(model, lora, adapter_name=name)
+    # Record the base by how the config names it, not by this machine's absolute path.
+    model.peft_config[name].base_model_name_or_path = config.get("model") or "crystallm/resources/default-model"
     texts, values = labelled_texts(config["corpus"], name)
     lengths = np.array([len(text) for text in texts])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
