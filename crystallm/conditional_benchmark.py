@@ -34,6 +34,19 @@ def target_statistics(predicted: np.ndarray, target: float, tolerance: float) ->
             "mean_predicted": float(np.mean(predicted))}
 
 
+def surrogate_ceiling(model, tokenizer, predictor: SurrogatePredictor, texts: list[str], values: np.ndarray,
+                      target: float, tolerance: float, limit: int = 300) -> dict:
+    """What a perfect generator would score: of real structures whose true value lies within `tolerance` of
+    `target` (at most `limit` of them), the share the surrogate also puts within it. A conditional row is
+    measured by the same surrogate, so this is its ceiling.
+    """
+    chosen = [text for text, value in zip(texts, values) if abs(value - target) <= tolerance][:limit]
+    if not chosen:
+        return {"ceiling": None, "ceiling_rows": 0}
+    predicted = predictor.predict(model, tokenizer, chosen)
+    return {"ceiling": float(np.mean(np.abs(predicted - target) <= tolerance)), "ceiling_rows": len(chosen)}
+
+
 def score_folder(folder: GenerationFolder, summary: dict, model, tokenizer, predictor: SurrogatePredictor) -> dict:
     """Validity, uniqueness and the surrogate's predictions for the valid samples of a finished folder."""
     valid_texts = [entry["text"] for entry, record in zip(folder.entries, folder.records) if record["valid"]]
@@ -46,10 +59,12 @@ def score_folder(folder: GenerationFolder, summary: dict, model, tokenizer, pred
 def run_conditional_benchmark(model, tokenizer, adapter: str, predictor: SurrogatePredictor, targets: list[float],
                               tolerance: float, num: int, guidance: float, output_dir: str | Path,
                               seed: int = 0, batch_size: int = 32, progress: bool = True,
-                              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                              on_row: Callable[[dict], None] | None = None,
+                              reference: tuple[list[str], np.ndarray] | None = None) -> list[dict]:
     """Generate (resumably, one `crystallm generate` folder per arm under `output_dir`) and score every arm;
     returns one row per (target, arm) with arm in `base`, `adapter`, `adapter+guidance`. `on_row` sees each
     row as soon as it is measured (the stage writes its report there, so a stopped run loses nothing).
+    `reference` (texts, true values of a held-out split) adds each target's `surrogate_ceiling`.
     """
     output_dir = Path(output_dir)
     sampling = {"seed": seed, "batch_size": batch_size}
@@ -67,12 +82,13 @@ def run_conditional_benchmark(model, tokenizer, adapter: str, predictor: Surroga
     base = arm("base", None, 1.0)
     for target in targets:
         prompt = Prompt.of(property_name=adapter, target=target)
+        ceiling = surrogate_ceiling(model, tokenizer, predictor, *reference, target, tolerance) if reference else {}
         for name, scored in [("base", base), ("adapter", arm(f"target-{target:g}", prompt, 1.0)),
                              ("adapter+guidance", arm(f"target-{target:g}-guidance-{guidance:g}", prompt, guidance))]:
             row = {"property": adapter, "target": target, "arm": name, "guidance": guidance if "guidance" in name
                    else None, "tolerance": tolerance,
                    **{key: value for key, value in scored.items() if key != "predicted"},
-                   **target_statistics(scored["predicted"], target, tolerance)}
+                   **target_statistics(scored["predicted"], target, tolerance), **ceiling}
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -81,13 +97,14 @@ def run_conditional_benchmark(model, tokenizer, adapter: str, predictor: Surroga
 
 def markdown_rows(rows: list[dict], unit: str, surrogate_mae: float) -> str:
     """The benchmark's rows as a Markdown table."""
-    lines = [f"| target ({unit}) | arm | within ±tol | mean predicted | valid | unique | n | surrogate MAE |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| target ({unit}) | arm | within ±tol | mean predicted | valid | unique | n | surrogate MAE | "
+             f"surrogate ceiling |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         within = "–" if row["within_tolerance"] is None else f"{row['within_tolerance']:.3f}"
         mean = "–" if row["mean_predicted"] is None else f"{row['mean_predicted']:.2f}"
+        ceiling = "–" if row.get("ceiling") is None else f"{row['ceiling']:.3f} ({row['ceiling_rows']})"
         lines.append(f"| {row['target']:g} | {row['arm']} | {within} | {mean} | {row['validity']:.3f} | "
-                     f"{row['uniqueness']:.3f} | {row['samples']} | {surrogate_mae:.3f} |")
+                     f"{row['uniqueness']:.3f} | {row['samples']} | {surrogate_mae:.3f} | {ceiling} |")
     return "\n".join(lines)
 
 

@@ -3,14 +3,15 @@
     python eval/conditional.py configs/eval-conditional-band_gap.yaml
 
 Generation goes to one resumable folder per arm under `output_dir`; `report.json` and `report.md` there are
-rewritten after every measured row.
+rewritten after every measured row. With `ceiling_texts`, each target also gets the surrogate's ceiling: the
+share of real held-out structures with that property value that the surrogate itself puts within tolerance.
 """
 
 from crystallm.conditional_benchmark import run_conditional_benchmark, write_report
 from crystallm.data import PROPERTY_UNITS
 from crystallm.generation import load_generator
 from crystallm.stages import read_stage_config
-from crystallm.surrogate import load_surrogate
+from crystallm.surrogate import labelled_texts, load_surrogate
 
 
 def main() -> None:
@@ -24,10 +25,12 @@ def main() -> None:
         rows.append(row)
         write_report(rows, config["output_dir"], PROPERTY_UNITS[name], surrogate_report)
 
+    reference = labelled_texts(config["ceiling_texts"], name, tuple(config["ceiling_sources"])) \
+        if config.get("ceiling_texts") else None
     run_conditional_benchmark(model, tokenizer, name, predictor, [float(t) for t in config["targets"]],
                               float(config["tolerance"]), int(config["num"]), float(config["guidance"]),
                               config["output_dir"], seed=int(config.get("seed", 0)),
-                              batch_size=int(config.get("batch_size", 32)), on_row=record)
+                              batch_size=int(config.get("batch_size", 32)), on_row=record, reference=reference)
     print(f"{config['output_dir']}/report.md")
 
 
