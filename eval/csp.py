@@ -22,21 +22,26 @@ def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
     attempts = int(config["attempts"])
-    prompts, names = evaluation.csp_prompts(config["targets"], config["ids"], attempts)
+    ids_file = config["ids"]
+    if config.get("count"):  # the first `count` ids of the list (written beside the results, which name it)
+        ids_file = out / "ids.txt"
+        ids_file.write_text("\n".join(evaluation.read_ids(config["ids"])[: int(config["count"])]) + "\n")
+    prompts, names = evaluation.csp_prompts(config["targets"], ids_file, attempts)
     model, tokenizer = load_generator(config.get("model"))
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
                 "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
                 "refine": config.get("refine", False)}
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
-                "attempts": attempts, **sampling, "num": len(prompts)}
+                "attempts": attempts, **sampling, "num": len(prompts)}  # `num` may grow: the folder resumes
     folder = GenerationFolder(out / "generated", settings, resume=True)
     generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
     energies = None
     if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
-        ranking = rank_by_energy(folder.valid_structures(), out / "stability.jsonl",
-                                 RelaxationSettings(**config.get("relaxation", {})))
+        wanted = set(names)  # a folder made for more ids holds more attempts than asked for now
+        ranking = rank_by_energy([(name, s) for name, s in folder.valid_structures() if name in wanted],
+                                 out / "stability.jsonl", RelaxationSettings(**config.get("relaxation", {})))
         energies = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
-    summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=config["ids"],
+    summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=ids_file,
                                   attempts=tuple(sorted({1, attempts})), records_path=out / "records.jsonl",
                                   csp_energies=energies)
     summary["generation"] = generation["generation"]
