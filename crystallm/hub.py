@@ -114,7 +114,7 @@ def push_to_hub(model: str | Path, repo_id: str, private: bool = False, adapters
     if not token:
         raise CrystaLLMInputError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
     files = files_to_push(folder, adapters)
-    card = model_card_for(folder, [p.split("/")[1] for p in files if p.startswith("adapters/")])
+    card = model_card_for(folder, list(dict.fromkeys(p.split("/")[1] for p in files if p.startswith("adapters/"))))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     api = HfApi(token=token)

@@ -79,6 +79,7 @@ def test_push_then_load_by_hub_id_gives_identical_logits_for_the_base_and_both_a
 
     card = ModelCard((hub.root / "user/tiny-crystallm/files/README.md").read_text())
     assert card.data.license == "mit" and "crystallm" in card.data.tags and "## Property adapters" in card.text
+    assert card.text.count("| band_gap |") == 1  # one row per adapter, with its surrogate's held-out MAE
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
