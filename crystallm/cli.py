@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(eV for band_gap, eV/atom for formation_energy_per_atom)")
     generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
-    generate.add_argument("--attempts", type=int, dest="num", default=argparse.SUPPRESS, help="the same as --num (CSP: attempts at a formula)")
+    generate.add_argument("--attempts", type=int, dest="num", default=argparse.SUPPRESS,
+                          help="the same as --num (CSP: attempts at a formula)")
     generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "
                           "ranking.csv, lowest energy first (the best CSP guess first)")
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")

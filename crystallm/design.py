@@ -259,7 +259,8 @@ def _write_report(out: Path, funnel_report: dict, rows: list[dict], shortlist: l
     figure.tight_layout()
     figure.savefig(out / "property_vs_e_hull.png", dpi=110)
     plt.close(figure)
-    lines = ["# crystallm design", "", f"Targets: {', '.join(f'{t.property_name} = {t.value} ± {t.tolerance}' for t in plan.targets)}"
+    wanted = ", ".join(f"{t.property_name} = {t.value} ± {t.tolerance}" for t in plan.targets)
+    lines = ["# crystallm design", "", f"Targets: {wanted}"
              f"; elements: {'-'.join(plan.elements) or 'any'}; guidance {plan.guidance}; E_hull < {plan.e_hull_max} "
              f"eV/atom.", "", "| stage | candidates |", "|---|---|"]
     lines += [f"| {stage} | {count} |" for stage, count in funnel.items()]

@@ -336,7 +336,8 @@ PER_STRUCTURE_OMITTED = ("structure", "structure_fp", "composition_fp")  # bulky
 def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: str | None = None,
              csp_ids: str | Path | None = None, attempts: tuple[int, ...] = (1, 20), coverage: bool = False,
              bond_lengths: bool = False, num_proc: int | None = None, limit: int | None = None,
-             ids: list[str] | None = None, plots: str | Path | None = None, records_path: str | Path | None = None, progress: bool = True,
+             ids: list[str] | None = None, plots: str | Path | None = None,
+             records_path: str | Path | None = None, progress: bool = True,
              stability: RelaxationSettings | None = None, stability_cache: str | Path | None = None,
              csp_energies: dict[str, float] | None = None) -> dict:
     """Evaluate a collection (see `iter_entries`) and return the summary; optionally write plots, and each

@@ -68,8 +68,8 @@ def pushed(hub, model_with_adapters, tmp_path_factory):
     return home
 
 
-def test_push_then_load_by_hub_id_gives_identical_logits_for_the_base_and_both_adapters(hub, pushed, model_with_adapters,
-                                                                                       tmp_path):
+def test_push_then_load_by_hub_id_gives_identical_logits_for_the_base_and_both_adapters(hub, pushed,
+                                                                                       model_with_adapters, tmp_path):
     files = sorted(str(p.relative_to(hub.root / "user/tiny-crystallm/files"))
                    for p in (hub.root / "user/tiny-crystallm/files").rglob("*") if p.is_file())
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json",
