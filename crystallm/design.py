@@ -8,8 +8,10 @@ E_hull under a threshold (the approximate hull of `crystallm.metrics.stability`)
 
 Ranking score (lower is better), documented in every report: the mean over the targets of
 |predicted - target| / tolerance, plus max(E_hull, 0) / the E_hull threshold, plus 0.5 for a structure spglib
-finds no symmetry in (P1 at symprec 0.1). Each stage writes what it has as it goes; a killed run restarts where
-it stopped (generation folders and the relaxation cache are resumable).
+finds no symmetry in (P1 at symprec 0.1).
+
+Each stage writes what it has as it goes; a killed run restarts where it stopped (generation folders and the
+relaxation cache are resumable).
 """
 
 from __future__ import annotations
