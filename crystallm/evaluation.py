@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 from pymatgen.core import Structure
 
-from crystallm import data, serialization, symmetry
+from crystallm import data, reports, serialization, symmetry
 from crystallm.errors import CrystaLLMInputError
 from crystallm.metrics import distribution, matching, symmetry_stats, validity
 
@@ -59,10 +59,8 @@ def iter_entries(source: str | Path) -> Iterator[Entry]:
                                 f"({', '.join(f'{b}/test' for b in data.BENCHMARKS)})")
     if path.is_dir():
         if (path / "samples.jsonl").exists():  # a generate folder: its journal holds every sample's text
-            for line in (path / "samples.jsonl").read_text().splitlines():
-                with contextlib.suppress(ValueError):  # a last line cut by a kill
-                    sample = json.loads(line)
-                    yield Entry(sample["name"], "text", sample["text"])
+            for sample in reports.read_json_lines(path / "samples.jsonl"):
+                yield Entry(sample["name"], "text", sample["text"])
             return
         for file in sorted(path.iterdir()):
             if file.suffix.lower() in CIF_SUFFIXES:
@@ -358,7 +356,6 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
 
     from tqdm import tqdm
 
-    from crystallm import reports
 
     start = time.perf_counter()
     entries = iter_entries(source)

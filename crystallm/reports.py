@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -18,6 +19,26 @@ def replace_file(path: Path, content: bytes) -> None:
     scratch = path.with_name(path.name + ".partial")
     scratch.write_bytes(content)
     scratch.replace(path)
+
+
+def read_json_lines(path: str | Path) -> Iterator[dict]:
+    """The records of a JSON-lines file written as results come (a journal, a cache); a last line cut short by a
+    kill ends them. A missing file has none.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.jsonl"
+    >>> _ = path.write_text('{"a": 1}\\n{"a": 2}\\n{"a": ')
+    >>> [r["a"] for r in read_json_lines(path)]
+    [1, 2]
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            break
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

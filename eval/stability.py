@@ -10,8 +10,7 @@ Resumable: relaxation results go to `<output_dir>/stability.jsonl` as they come.
 from pathlib import Path
 
 from crystallm import data, evaluation, reports
-from crystallm.metrics.stability import (ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull,
-                                         read_records)
+from crystallm.metrics.stability import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
 from crystallm.stages import read_stage_config
 
 
@@ -28,7 +27,8 @@ def main() -> None:
         dataset = data.load_split(benchmark, split)
         known = dict(zip(dataset["id"], dataset[config["known_column"]]))
         hull = ReferenceHull.from_shared_data()
-        placed = [place_on_hull(record, hull, settings.mp2020) for record in read_records(out / "stability.jsonl")]
+        cached = reports.read_json_lines(out / "stability.jsonl")
+        placed = [place_on_hull(record, hull, settings.mp2020) for record in cached]
         summary["stability"]["agreement_with_" + config["known_column"]] = e_hull_agreement(placed, known)
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")

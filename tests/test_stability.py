@@ -5,8 +5,9 @@ import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
 from crystallm import cli, serialization
-from crystallm.metrics.stability import (APPROXIMATIONS, ReferenceHull, RelaxationSettings, read_records,
-                                         relax_structures, stability_records)
+from crystallm.metrics.stability import (APPROXIMATIONS, ReferenceHull, RelaxationSettings, relax_structures,
+                                         stability_records)
+from crystallm.reports import read_json_lines
 
 
 def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
@@ -47,7 +48,7 @@ def test_stability_results_are_cached_per_structure_and_a_run_resumes(mp20_test_
         handle.write('{"name": "cut sho')  # a kill in the middle of a line
     both = stability_records(structures, cache, settings, num_proc=1, progress=False)
     assert both[0] == first[0]  # read back, not relaxed again
-    assert [r["name"] for r in read_records(cache)] == [structures[0][0]]  # the cut line ends the readable part
+    assert [r["name"] for r in read_json_lines(cache)] == [structures[0][0]]  # the cut line ends the readable part
     assert both[1]["error"] == "" and isinstance(both[1]["stable"], bool)
 
 

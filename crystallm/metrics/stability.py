@@ -27,10 +27,12 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from pymatgen.core import Composition, Structure
+
+from crystallm import reports
 
 STABLE_E_HULL = 0.1  # eV/atom: the S.U.N. threshold of DESIGN.md
 HULL_SOURCES = ("mp_20_biternary/val", "mp_20_biternary/test", "mp_20_subset_slices/all", "mpts_52/val",
@@ -295,7 +297,7 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
 
     structures = list(structures)
     cache = Path(cache)
-    done = {record["name"]: record for record in read_records(cache)}
+    done = {record["name"]: record for record in reports.read_json_lines(cache)}
     todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
     num_proc = num_proc or os.cpu_count() or 1
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -312,18 +314,6 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                 bar.update(1)
     hull = ReferenceHull.from_shared_data()
     return [place_on_hull(done[name], hull, settings.mp2020) for name, _ in structures]
-
-
-def read_records(path: str | Path) -> Iterator[dict]:
-    """The records of a JSON-lines cache; a last line cut short by a kill is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except ValueError:
-            break
 
 
 def summarize_stability(records: list[dict], entries: int, unique: dict[str, bool] | None = None,
