@@ -8,8 +8,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError, InvalidStructureError, MalformedCIFError, MalformedTextError
+from crystallm.io.cif import structure_from_cif, structure_to_cif
+from crystallm.io.text_format import parse_structure, serialize_structure
 from crystallm.modeling import CrystaLLMForCausalLM
-from crystallm.serialization import parse_structure, serialize_structure, structure_from_cif, structure_to_cif
 from crystallm.tokenization import CrystaLLMTokenizer
 
 AutoConfig.register(CrystaLLMConfig.model_type, CrystaLLMConfig, exist_ok=True)

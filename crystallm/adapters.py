@@ -11,20 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from crystallm.errors import CrystaLLMInputError
+from crystallm.model_folder import loaded_from
 
 ADAPTERS_FOLDER = "adapters"
-
-
-def model_folder(model) -> Path:
-    """The folder a (possibly adapter-wrapped) model was loaded from."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return Path(base.name_or_path)
 
 
 def available_adapters(folder: str | Path) -> list[str]:
     """Names of the adapters saved beside a model: `<folder>/adapters/<name>/adapter_config.json`.
 
-    >>> from crystallm.generation import DEFAULT_MODEL
+    >>> from crystallm.model_folder import DEFAULT_MODEL
     >>> available_adapters(DEFAULT_MODEL)
     ['band_gap', 'formation_energy_per_atom']
     """
@@ -53,7 +48,7 @@ def use_adapter(model, adapter: str):
         model.set_adapter(name)
         return model
     if not (path / "adapter_config.json").exists():
-        folder = model_folder(model)
+        folder = loaded_from(model)
         path = folder / ADAPTERS_FOLDER / adapter
         if not (path / "adapter_config.json").exists():
             known = available_adapters(folder)

@@ -7,10 +7,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from crystallm import serialization, symmetry
+from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
-
-CIF_SUFFIXES = (".cif", ".mcif")
+from crystallm.evaluation.readers import CIF_SUFFIXES
+from crystallm.io import cif, text_format
 
 
 def _input_files(paths: list[Path]) -> list[Path]:
@@ -42,9 +42,9 @@ def cmd_serialize(args: argparse.Namespace) -> int:
     try:
         for path in _input_files(args.inputs):
             try:
-                result = serialization.serialize_one(_read(path), str(path), args.symprec)
+                result = text_format.serialize_one(_read(path), str(path), args.symprec)
             except CrystaLLMInputError as error:
-                result = serialization.SerializationResult(str(path), error=f"{type(error).__name__}: {error}")
+                result = text_format.SerializationResult(str(path), error=f"{type(error).__name__}: {error}")
             if result.error:
                 failed += 1
                 _report(str(path), result.error)
@@ -60,9 +60,9 @@ def cmd_serialize(args: argparse.Namespace) -> int:
 def _text_or_cif(path: Path) -> str:
     """crystallm text as it is; a CIF is serialized first."""
     content = _read(path)
-    if serialization.is_crystal_text(content):
+    if text_format.is_crystal_text(content):
         return content.strip("\n")
-    return serialization.serialize_structure(serialization.structure_from_cif(content, str(path)))
+    return text_format.serialize_structure(cif.structure_from_cif(content, str(path)))
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -88,15 +88,15 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_to_cif(args: argparse.Namespace) -> int:
     """crystallm text -> a standard CIF that VESTA, ASE and pymatgen read."""
     try:
-        structure = serialization.parse_structure(_read(args.input))
+        structure = text_format.parse_structure(_read(args.input))
     except CrystaLLMInputError as error:
         _report(str(args.input), f"{type(error).__name__}: {error}")
         return 1
-    cif = serialization.structure_to_cif(structure)
+    written = cif.structure_to_cif(structure)
     if args.out:
-        Path(args.out).write_text(cif)
+        Path(args.out).write_text(written)
     else:
-        print(cif)
+        print(written)
     return 0
 
 
@@ -107,7 +107,7 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
     print("file\t" + "\t".join(f"symprec={t}" for t in tolerances))
     for path in _input_files(args.inputs):
         try:
-            structure = serialization.structure_from_cif(_read(path), str(path))
+            structure = cif.structure_from_cif(_read(path), str(path))
         except CrystaLLMInputError as error:
             failed += 1
             _report(str(path), f"{type(error).__name__}: {error}")
@@ -120,18 +120,21 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a collection of structures and print/write the set-level metrics."""
-    from crystallm import evaluation, reports
-    from crystallm.metrics.stability import RelaxationSettings
+    from crystallm.evaluation import reports
+    from crystallm.evaluation.batch import EvaluationOptions, StabilityTask, evaluate
+    from crystallm.evaluation.csp import CSPTask, read_ids
+    from crystallm.evaluation.relaxation import RelaxationSettings
 
-    summary = evaluation.evaluate(
-        args.input, reference=args.reference, test=args.test, csp=args.csp, csp_ids=args.csp_ids,
-        attempts=tuple(args.attempts), coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
-        limit=args.limit, ids=evaluation.read_ids(args.ids) if args.ids else None, plots=args.plots,
-        records_path=args.records, progress=not args.quiet,
-        stability=RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax, max_seconds=args.relax_seconds)
-        if args.stability else None, stability_cache=args.stability_cache)
-    table = reports.markdown_table(summary)
-    print(table)
+    options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
+                                limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
+                                plots=args.plots, records_path=args.records, progress=not args.quiet)
+    csp = CSPTask(args.csp, args.csp_ids, tuple(args.attempts)) if args.csp else None
+    stability = StabilityTask(RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax,
+                                                 max_seconds=args.relax_seconds), args.stability_cache) \
+        if args.stability else None
+    summary = evaluate(args.input, reference=args.reference, test=args.test, csp=csp, stability=stability,
+                       options=options)
+    print(reports.markdown_table(summary))
     if args.json:
         reports.write_json(summary, args.json)
     if args.markdown:
@@ -140,29 +143,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate crystals into an output folder (see `crystallm.output_folder`), resumable, with a progress bar."""
-    from crystallm import generation, reports
+    """Generate crystals into an output folder (see `crystallm.generation.run_folder`), resumable, with a
+    progress bar."""
     from crystallm.adapters import use_adapter
-    from crystallm.output_folder import GenerationFolder, generate_into
+    from crystallm.evaluation import reports
+    from crystallm.generation.prompt import Prompt
+    from crystallm.generation.run_folder import GenerationFolder, generate_into
+    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator
 
-    args.max_atoms = args.max_atoms or generation.DEFAULT_MAX_ATOMS
+    args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
     if (args.adapter is None) != (args.target is None):
         raise CrystaLLMInputError("--adapter and --target go together: the adapter of a property and its target "
                                   "value, e.g. --adapter band_gap --target 2.0")
     if args.guidance != 1.0 and not args.adapter:
         raise CrystaLLMInputError("--guidance needs a property target: --adapter NAME --target VALUE")
-    model, tokenizer = generation.load_generator(args.model, args.device)
+    model, tokenizer = load_generator(args.model, args.device)
     if args.adapter:  # an unknown adapter fails here, listing the model's adapters
         model = use_adapter(model, args.adapter)
     property_name = Path(args.adapter).name if args.adapter else None
-    prompt = generation.Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
+    prompt = Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "max_atoms": args.max_atoms, "bf16": not args.fp32, "refine": args.refine,
                 "symmetrize": args.symmetrize, "guidance": args.guidance}
     settings = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
                 "num": args.num,
-                "batch_size": args.batch_size, **sampling, "format_version": serialization.FORMAT_VERSION}
+                "batch_size": args.batch_size, **sampling, "format_version": text_format.FORMAT_VERSION}
     folder = GenerationFolder(args.out, settings, resume=args.resume)
     summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
                             progress=not args.quiet, **sampling)
@@ -178,8 +184,8 @@ def _rank_by_chgnet(folder, progress: bool) -> None:
     """Relax every structurally valid sample and write ranking.csv, lowest relaxed energy per atom first."""
     from pymatgen.core import Structure
 
-    from crystallm import reports
-    from crystallm.metrics.stability import rank_by_energy
+    from crystallm.evaluation import reports
+    from crystallm.evaluation.relaxation import rank_by_energy
 
     ranking = rank_by_energy(folder.valid_structures(), folder.directory / "stability.jsonl", progress=progress)
     columns = ("rank", "name", "formula", "energy_per_atom", "e_above_hull", "rmsd", "converged", "error")
@@ -195,16 +201,16 @@ def _rank_by_chgnet(folder, progress: bool) -> None:
 
 def cmd_design(args: argparse.Namespace) -> int:
     """Property targets -> candidates -> a screened, ranked shortlist (see `crystallm.design`)."""
-    from crystallm import generation
     from crystallm.design import plan_design, run_design
-    from crystallm.hub import resolve_model_folder
-    from crystallm.metrics.stability import RelaxationSettings
+    from crystallm.evaluation.relaxation import RelaxationSettings
+    from crystallm.generation.sampling import load_generator
+    from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
 
-    folder = resolve_model_folder(args.model or generation.DEFAULT_MODEL)
+    folder = resolve_model_folder(args.model or DEFAULT_MODEL)
     plan = plan_design(folder, args.target, args.elements or args.chemical_system, num=args.num, top=args.top,
                        guidance=args.guidance, e_hull_max=args.e_hull_max, seed=args.seed,
                        batch_size=args.batch_size, relaxation=RelaxationSettings(steps=args.relax_steps))
-    model, tokenizer = generation.load_generator(folder, args.device)  # every input is checked before this
+    model, tokenizer = load_generator(folder, args.device)  # every input is checked before this
     funnel = run_design(model, tokenizer, plan, args.out, progress=not args.quiet)
     print(" -> ".join(f"{stage} {count}" for stage, count in funnel.items()))
     print(f"wrote {args.out}/shortlist.csv, funnel.json, report.md")
@@ -220,14 +226,44 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`crystallm generate: error: ...`, exit code 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind: type, low: float, low_open: bool = False, high: float | None = None, what: str = ""):
+    """An argparse type: a number of `kind` in [low, high] (low excluded when `low_open`), else a one-line error
+    that says the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text}: expected {what}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, what="a whole number of at least 1")
+COUNT = _number(int, 0, what="a whole number of 0 or more")
+POSITIVE_FLOAT = _number(float, 0, low_open=True, what="a number above 0")
+NON_NEGATIVE_FLOAT = _number(float, 0, what="a number of 0 or more")
+PROBABILITY = _number(float, 0, low_open=True, high=1, what="a probability in (0, 1]")
+GUIDANCE = _number(float, 1, what="a scale of 1 (none) or more")
+SYMPREC = _number(float, 0, low_open=True, what="a tolerance above 0 (Å)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crystallm", description=__doc__)
+    parser = _Parser(prog="crystallm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serialize = commands.add_parser("serialize", help="CIF files or folders -> crystallm text")
     serialize.add_argument("inputs", nargs="+", type=Path)
     serialize.add_argument("--out", help="write the texts to this file instead of standard output")
-    serialize.add_argument("--symprec", type=float, default=symmetry.DEFAULT_SYMPREC)
+    serialize.add_argument("--symprec", type=SYMPREC, default=symmetry.DEFAULT_SYMPREC)
     serialize.set_defaults(run=cmd_serialize)
 
     tokenize = commands.add_parser("tokenize", help="show the tokens of crystallm texts or CIFs")
@@ -241,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sym = commands.add_parser("symmetry", help="space group of CIFs at several tolerances (spglib)")
     sym.add_argument("inputs", nargs="+", type=Path)
-    sym.add_argument("--symprec", type=float, nargs="+", default=[0.1, 0.01, 0.001])
+    sym.add_argument("--symprec", type=SYMPREC, nargs="+", default=[0.1, 0.01, 0.001])
     sym.set_defaults(run=cmd_symmetry)
 
     evaluate = commands.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, coverage, CSP")
@@ -251,22 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test", help="test set for Wasserstein distances and coverage (e.g. mp20-bt/test)")
     evaluate.add_argument("--csp", help="CSP targets (e.g. mp20-bt/test); input entries are named <id>[__<k>]")
     evaluate.add_argument("--csp-ids", help="file of target ids, one a line (../shared/benchmarks/*.txt)")
-    evaluate.add_argument("--attempts", type=int, nargs="+", default=[1, 20], help="n for CSP match rates")
+    evaluate.add_argument("--attempts", type=POSITIVE, nargs="+", default=[1, 20], help="n for CSP match rates")
     evaluate.add_argument("--coverage", action="store_true", help="COV-R/COV-P (CrystalNN fingerprints: slower)")
     evaluate.add_argument("--bonds", action="store_true", help="bond-length reasonableness (CrystalNN: slower)")
     evaluate.add_argument("--stability", action="store_true", help="relax the structurally valid structures with "
                           "CHGNet: E_hull against an approximate hull, RMSD, S.U.N. rate (with --reference); resumable")
     evaluate.add_argument("--stability-cache", help="JSON-lines file of relaxation results, kept between runs "
                           "(default: stability.jsonl in the input folder, or beside the input file)")
-    evaluate.add_argument("--relax-steps", type=int, default=100, help="FIRE steps at most per structure")
-    evaluate.add_argument("--relax-fmax", type=float, default=0.1, help="converged below this force, eV/Å")
-    evaluate.add_argument("--relax-seconds", type=float, default=60.0, help="time limit per structure")
+    evaluate.add_argument("--relax-steps", type=POSITIVE, default=100, help="FIRE steps at most per structure")
+    evaluate.add_argument("--relax-fmax", type=POSITIVE_FLOAT, default=0.1, help="converged below this force, eV/Å")
+    evaluate.add_argument("--relax-seconds", type=POSITIVE_FLOAT, default=60.0, help="time limit per structure")
     evaluate.add_argument("--json")
     evaluate.add_argument("--markdown")
     evaluate.add_argument("--plots", help="folder for PNG plots")
     evaluate.add_argument("--records", help="JSON-lines file of per-structure results, written as they come")
-    evaluate.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
-    evaluate.add_argument("--limit", type=int, help="evaluate only the first N entries")
+    evaluate.add_argument("--num-proc", type=POSITIVE, default=None, help="worker processes (default: all cores)")
+    evaluate.add_argument("--limit", type=POSITIVE, help="evaluate only the first N entries")
     evaluate.add_argument("--ids", help="evaluate only the entries named in this file, one a line "
                           "(e.g. ../shared/benchmarks/mp20bt-test-csp1000.txt)")
     evaluate.add_argument("--quiet", action="store_true")
@@ -274,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate crystal structures (default: the shipped model)")
     generate.add_argument("--model", help="a model folder (save_pretrained) or Hub id; default: the shipped model")
-    generate.add_argument("--num", type=int, default=100, help="how many structures (default 100)")
+    generate.add_argument("--num", type=POSITIVE, default=100, help="how many structures (default 100)")
     generate.add_argument("--formula", help="crystal structure prediction for this formula, e.g. LiFePO4")
     generate.add_argument("--spacegroup", help="impose a space group: number or symbol, e.g. 225 or Fm-3m")
     generate.add_argument("--chemical-system", help="only formulas of exactly these elements, e.g. Li-Fe-O")
@@ -282,19 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "model (band_gap, formation_energy_per_atom) or an adapter folder; needs --target")
     generate.add_argument("--target", type=float, help="the property value to aim for, in the property's unit "
                           "(eV for band_gap, eV/atom for formation_energy_per_atom)")
-    generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale with "
+    generate.add_argument("--guidance", type=GUIDANCE, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
-    generate.add_argument("--attempts", type=int, dest="num", default=argparse.SUPPRESS,
+    generate.add_argument("--attempts", type=POSITIVE, dest="num", default=argparse.SUPPRESS,
                           help="the same as --num (CSP: attempts at a formula)")
     generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "
                           "ranking.csv, lowest energy first (the best CSP guess first)")
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
-    generate.add_argument("--batch-size", type=int, default=32)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--max-atoms", type=int, help="atoms in the conventional cell, at most (default 160)")
+    generate.add_argument("--batch-size", type=POSITIVE, default=32)
+    generate.add_argument("--seed", type=COUNT, default=0)
+    generate.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0,
+                          help="sampling temperature (default 1; 0 is greedy decoding)")
+    generate.add_argument("--top-k", type=POSITIVE, default=None)
+    generate.add_argument("--top-p", type=PROBABILITY, default=None)
+    generate.add_argument("--max-atoms", type=POSITIVE, help="atoms in the conventional cell, at most (default 160)")
     generate.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                           help="refine lattice and coordinates with the model's diffusion head (default: on when "
                                "the model has one)")
@@ -311,15 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "band_gap=2.0 (repeat for several properties; default tolerances 0.5 eV, 0.25 eV/atom)")
     design.add_argument("--elements", help="only compounds of exactly these elements, e.g. Li,Fe,P,O")
     design.add_argument("--chemical-system", help="the same as a system, e.g. Li-Fe-P-O")
-    design.add_argument("--num", type=int, default=2000, help="candidates to generate (split between targets)")
-    design.add_argument("--top", type=int, default=50, help="length of the shortlist")
-    design.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
-    design.add_argument("--e-hull-max", type=float, default=0.1, help="E_hull threshold, eV/atom")
-    design.add_argument("--relax-steps", type=int, default=100, help="CHGNet FIRE steps at most per structure")
+    design.add_argument("--num", type=POSITIVE, default=2000, help="candidates to generate (split between targets)")
+    design.add_argument("--top", type=POSITIVE, default=50, help="length of the shortlist")
+    design.add_argument("--guidance", type=GUIDANCE, default=2.0, help="classifier-free guidance scale")
+    design.add_argument("--e-hull-max", type=POSITIVE_FLOAT, default=0.1, help="E_hull threshold, eV/atom")
+    design.add_argument("--relax-steps", type=POSITIVE, default=100, help="CHGNet FIRE steps at most per structure")
     design.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
     design.add_argument("--out", default="design", help="output folder (default ./design); rerun to resume")
-    design.add_argument("--seed", type=int, default=0)
-    design.add_argument("--batch-size", type=int, default=32)
+    design.add_argument("--seed", type=COUNT, default=0)
+    design.add_argument("--batch-size", type=POSITIVE, default=32)
     design.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     design.add_argument("--quiet", action="store_true", help="no progress bars")
     design.set_defaults(run=cmd_design)
@@ -340,16 +377,22 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line
     logging.set_verbosity_error()  # e.g. a padding notice about rows that finished early, which generate ignores
-    warnings.formatwarning = lambda message, category, *rest, **kw: (
-        f"crystallm {args.command}: warning: {'' if category is CrystaLLMWarning else category.__name__ + ': '}"
-        f"{message}\n")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices, not the user's
-    warnings.filterwarnings("ignore", message="No Pauling electronegativity")  # pymatgen, for noble gases
-    try:
-        return args.run(args)
-    except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line, no traceback
-        print(f"crystallm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "" if category is CrystaLLMWarning else category.__name__ + ": "
+        print(f"crystallm {args.command}: warning: {kind}{message}", file=sys.stderr)
+
+    # The command's warning format and filters last as long as the command: a later call (another command, or a
+    # library user in the same process) gets its own.
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices, not the user's
+        warnings.filterwarnings("ignore", message="No Pauling electronegativity")  # pymatgen, for noble gases
+        try:
+            return args.run(args)
+        except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line
+            print(f"crystallm {args.command}: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Iterable
 
 import datasets
+import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from crystallm import serialization
+from crystallm.io import text_format
 
 PROPERTY_UNITS = {
     "formation_energy_per_atom": "eV/atom",
@@ -148,10 +149,11 @@ def load_split(benchmark: str, split: str) -> datasets.Dataset:
 def format_fingerprint(*extra: str) -> str:
     """A hash of the code that writes and tokenizes texts, for `datasets` cache keys: datasets hashes a
     mapped function by reference, so without this an edit of the format could serve stale cached texts."""
-    from crystallm import format_check, symmetry, tokenization
+    from crystallm import symmetry, tokenization
+    from crystallm.io import round_trip, text_format
 
     digest = hashlib.sha256()
-    for module in (serialization, symmetry, tokenization, format_check):
+    for module in (text_format, symmetry, tokenization, round_trip):
         digest.update(Path(module.__file__).read_bytes())
     for part in extra:
         digest.update(part.encode())
@@ -159,7 +161,7 @@ def format_fingerprint(*extra: str) -> str:
 
 
 def _serialize_rows(batch: dict) -> dict:
-    results = [serialization.serialize_one(cif, f"{source} {id_}")
+    results = [text_format.serialize_one(cif, f"{source} {id_}")
                for cif, source, id_ in zip(batch["cif"], batch["source"], batch["id"])]
     return {"text": [r.text or "" for r in results], "error": [r.error or "" for r in results]}
 
@@ -183,8 +185,8 @@ class LeakageKey:
 
 def leakage_key(text: str) -> LeakageKey:
     """The matching key of a text; structures with different keys never match in the guard."""
-    crystal = serialization.read_crystal_text(text)
-    return LeakageKey(serialization.format_formula(crystal.formula), crystal.space_group, crystal.formula_units,
+    crystal = text_format.read_crystal_text(text)
+    return LeakageKey(text_format.format_formula(crystal.formula), crystal.space_group, crystal.formula_units,
                       tuple(sorted((site.element, site.wyckoff.multiplicity) for site in crystal.sites)))
 
 
@@ -214,7 +216,7 @@ def find_leaks(candidates: Iterable[tuple[str, str, str]], tests: Iterable[tuple
 
     def structure(text: str):
         if text not in parsed:
-            parsed[text] = serialization.parse_structure(text)
+            parsed[text] = text_format.parse_structure(text)
         return parsed[text]
 
     leaks = []
@@ -300,3 +302,28 @@ def load_texts(path: str | Path) -> datasets.Dataset:
     ['id', 'source', 'text']
     """
     return datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
+
+
+def labelled_texts(texts_path: str | Path, property_name: str, sources: tuple[str, ...] | None = None,
+                   ) -> tuple[list[str], np.ndarray]:
+    """Texts of a corpus file (`data/*.csv.gz`, columns id, source, text) with their value of a property, joined
+    with the source files by id; rows without a finite value are left out.
+
+    >>> texts, values = labelled_texts("data/test-sets.csv.gz", "band_gap", ("mp_20_biternary/test",))
+    >>> len(texts), float(values.min()) >= 0
+    (7118, True)
+    """
+    corpus = load_texts(texts_path)
+    wanted = [name for name in dict.fromkeys(corpus["source"])
+              if property_name in SOURCES[name].properties and (sources is None or name in sources)]
+    value_of = {}
+    for name in wanted:
+        source = load_source(name)
+        value_of.update({(name, row_id): value for row_id, value in zip(source["id"], source[property_name])})
+    texts, values = [], []
+    for row_id, name, text in zip(corpus["id"], corpus["source"], corpus["text"]):
+        value = value_of.get((name, row_id))
+        if value is not None and np.isfinite(value):
+            texts.append(text)
+            values.append(float(value))
+    return texts, np.array(values)

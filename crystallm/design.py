@@ -25,15 +25,22 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from crystallm import data, reports, serialization
-from crystallm.conditioning import check_target
+from crystallm import data
+from crystallm.adapters import available_adapters, use_adapter
 from crystallm.errors import CrystaLLMInputError
-from crystallm.metrics.stability import RelaxationSettings
+from crystallm.evaluation import matching, reports
+from crystallm.evaluation.relaxation import RelaxationSettings, stability_records
+from crystallm.evaluation.validity import compositional_validity
+from crystallm.generation.conditioning import check_target
+from crystallm.generation.prompt import Prompt, parse_chemical_system
+from crystallm.generation.run_folder import GenerationFolder, generate_into
+from crystallm.io import cif, text_format
+from crystallm.model_folder import TRAINING_CORPUS, loaded_from
+from crystallm.properties.surrogates import PREDICTOR_FILE, load_surrogate
 
 DEFAULT_TOLERANCES = {"band_gap": 0.5, "formation_energy_per_atom": 0.25, "e_above_hull": 0.05,
                       "bulk_modulus": 20.0, "shear_modulus": 15.0}  # the conditional benchmark's, where it has one
 P1_PENALTY = 0.5
-TRAINING_CORPUS = "data/pretraining-corpus.csv.gz"
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,6 @@ def neutral_example(elements: tuple[str, ...], max_count: int = 6) -> str | None
     >>> neutral_example(("Ga", "As")), neutral_example(("Li", "Fe", "O")), neutral_example(("Ne", "F"))
     ('GaAs', 'LiFeO', None)
     """
-    from crystallm.metrics.validity import compositional_validity
-
     candidates = []
     for counts in itertools.product(range(1, max_count + 1), repeat=len(elements)):
         if math.gcd(*counts) == 1:
@@ -103,16 +108,14 @@ def neutral_example(elements: tuple[str, ...], max_count: int = 6) -> str | None
 
 def plan_design(model_folder: Path, targets: list[str], elements: str | None = None, **options) -> DesignPlan:
     """Check a design request before any compute is spent: each target's property must have an adapter and a
-    surrogate beside the model; targets outside the data warn; an element list must be able to make a
-    charge-neutral compound (SMACT). Raises CrystaLLMInputError naming the problem.
+    surrogate beside the model, and the model its training corpus (the novelty reference); targets outside the
+    data warn; an element list must be able to make a charge-neutral compound (SMACT). Raises CrystaLLMInputError
+    naming the problem.
 
-    >>> from crystallm.generation import DEFAULT_MODEL
+    >>> from crystallm.model_folder import DEFAULT_MODEL
     >>> plan_design(Path(DEFAULT_MODEL), ["band_gap=2.0"], "Li-Fe-P-O").elements
     ('Li', 'Fe', 'P', 'O')
     """
-    from crystallm.adapters import available_adapters
-    from crystallm.generation import parse_chemical_system
-
     if not targets:
         raise CrystaLLMInputError("give at least one --target PROPERTY=VALUE, e.g. --target band_gap=2.0")
     parsed = [Target.parse(text) for text in targets]
@@ -121,9 +124,12 @@ def plan_design(model_folder: Path, targets: list[str], elements: str | None = N
         if target.property_name not in adapters:
             raise CrystaLLMInputError(f"no adapter for {target.property_name} beside the model in {model_folder}; "
                                       f"available: {', '.join(adapters) or 'none'}")
-        if not (model_folder / "surrogates" / target.property_name / "predictor.joblib").exists():
+        if not (model_folder / "surrogates" / target.property_name / PREDICTOR_FILE).exists():
             raise CrystaLLMInputError(f"no surrogate predictor for {target.property_name} in {model_folder}/"
                                       f"surrogates (fit one with train/surrogate.py)")
+    if not (model_folder / TRAINING_CORPUS).exists():
+        raise CrystaLLMInputError(f"no novelty reference in {model_folder}: {TRAINING_CORPUS} (the texts the model "
+                                  f"was trained on) is missing; copy the corpus there (train/export_model.py does)")
     if len({t.property_name for t in parsed}) != len(parsed):
         raise CrystaLLMInputError("each property may be targeted once")
     chosen = parse_chemical_system(elements.replace(",", "-")) if elements else ()
@@ -144,13 +150,13 @@ def score(predicted: dict[str, float], targets: list[Target], e_hull: float, e_h
     return float(distance + max(e_hull, 0.0) / e_hull_max + (P1_PENALTY if space_group in (None, 1) else 0.0))
 
 
-def _training_formulas() -> dict[str, list[str]]:
-    """The corpus texts by pymatgen's reduced formula of the formula on their first line (where the format
-    writes it), so candidates are compared with the training structures of their own formula only."""
-    corpus = data.load_texts(TRAINING_CORPUS)
+def _training_formulas(model_folder: Path) -> dict[str, list[str]]:
+    """The texts the model was trained on by pymatgen's reduced formula of the formula on their first line (where
+    the format writes it), so candidates are compared with the training structures of their own formula only."""
+    corpus = data.load_texts(model_folder / TRAINING_CORPUS)
     by_formula: dict[str, list[str]] = {}
     for text in corpus["text"]:
-        formula = Composition(text.split("\n", 1)[0][len(serialization.DATA_PREFIX):]).reduced_formula
+        formula = Composition(text.split("\n", 1)[0][len(text_format.DATA_PREFIX):]).reduced_formula
         by_formula.setdefault(formula, []).append(text)
     return by_formula
 
@@ -161,15 +167,8 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
     `shortlist.csv` and `shortlist/*.cif` (the relaxed structures of the best `top`), `funnel.json` and
     `report.md` with `funnel.png` and `property_vs_e_hull.png`. Returns the funnel.
     """
-    from crystallm.adapters import model_folder, use_adapter
-    from crystallm.generation import Prompt
-    from crystallm.metrics import matching
-    from crystallm.metrics.stability import stability_records
-    from crystallm.output_folder import GenerationFolder, generate_into
-    from crystallm.surrogate import load_surrogate
-
     out = Path(out)
-    folder_of_model = model_folder(model)
+    folder_of_model = loaded_from(model)
     per_target = math.ceil(plan.num / len(plan.targets))
     entries, records = [], []
     for target in plan.targets:  # stage 1: generate with each target's adapter, guided
@@ -184,16 +183,16 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
         entries += [e | {"name": f"{target.property_name}-{e['name']}"} for e in folder.entries]
         records += folder.records
     funnel = {"generated": len(entries)}
-    parsed = [i for i, r in enumerate(records) if not r["error"]]
+    parsed = [i for i, r in enumerate(records) if not r.error]
     funnel["parsed"] = len(parsed)
-    valid = [i for i in parsed if records[i]["valid"]]
+    valid = [i for i in parsed if records[i].valid]
     funnel["valid"] = len(valid)
-    structures = {i: Structure.from_dict(records[i]["structure"]) for i in valid}
+    structures = {i: records[i].structure for i in valid}
     unique = [i for i, keep in zip(valid, matching.unique_mask([structures[i] for i in valid])) if keep]
     funnel["unique"] = len(unique)
-    training = _training_formulas()
-    formulas = {records[i]["formula"] for i in unique}
-    reference = [serialization.parse_structure(text) for f in formulas for text in training.get(f, [])]
+    training = _training_formulas(folder_of_model)
+    formulas = {records[i].formula for i in unique}
+    reference = [text_format.parse_structure(text) for f in formulas for text in training.get(f, [])]
     novel = [i for i, keep in zip(unique, matching.novel_mask([structures[i] for i in unique], reference)) if keep]
     funnel["novel"] = len(novel)
 
@@ -213,14 +212,14 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
     funnel["stable"] = len(stable)
     rows = []
     for i, result in zip(within, relaxed):
-        rows.append({"name": entries[i]["name"], "formula": records[i]["formula"],
-                     "space_group": records[i]["space_group_0_1"],
+        rows.append({"name": entries[i]["name"], "formula": records[i].formula,
+                     "space_group": records[i].space_group_0_1,
                      **{f"predicted_{k}": round(v, 4) for k, v in predicted[i].items()},
                      "e_above_hull": None if result["error"] else round(result["e_above_hull"], 4),
-                     "relax_error": result["error"], "formula_in_training_data": records[i]["formula"] in training,
+                     "relax_error": result["error"], "formula_in_training_data": records[i].formula in training,
                      "score": None if result["error"] else round(score(predicted[i], plan.targets,
                                                                        result["e_above_hull"], plan.e_hull_max,
-                                                                       records[i]["space_group_0_1"]), 4)})
+                                                                       records[i].space_group_0_1), 4)})
     reports.write_csv(rows, out / "candidates.csv")
     by_name = {entries[i]["name"]: r for i, r in stable}
     shortlist = sorted((row for row in rows if row["name"] in by_name), key=lambda row: row["score"])[:plan.top]
@@ -228,7 +227,7 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
     for rank, row in enumerate(shortlist, 1):
         row["rank"], row["cif"] = rank, f"shortlist/{rank:03d}-{row['formula']}.cif"
         relaxed_structure = Structure.from_dict(by_name[row["name"]]["relaxed"])
-        (out / row["cif"]).write_text(serialization.structure_to_cif(relaxed_structure))
+        (out / row["cif"]).write_text(cif.structure_to_cif(relaxed_structure))
     reports.write_csv([{"rank": r.pop("rank"), **r} for r in shortlist], out / "shortlist.csv")
     funnel_report = {"funnel": funnel, "targets": [vars(t) for t in plan.targets], "elements": plan.elements,
                      "guidance": plan.guidance, "e_hull_max": plan.e_hull_max, "score": __doc__.split("\n\n")[2]}

@@ -10,75 +10,25 @@ trained on it together: an adapter only works on the base it was trained on.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from crystallm.errors import CheckpointError, CrystaLLMInputError
+from crystallm.errors import CrystaLLMInputError
 from crystallm.model_card import MODEL_FILES
+from crystallm.model_folder import REPO_ID, TRAINING_CORPUS, check_model_folder
+from crystallm.properties.surrogates import PREDICTOR_FILE, REPORT_FILE
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_LICENSE = ("Training data: Materials Project (CC BY 4.0), AFLOW, WBM (CC BY 4.0), Perov-5, Carbon-24 and "
                 "MPTS-52, as recovered in ../shared/data (each folder's README gives source and license).")
 
 
-def resolve_model_folder(model: str | Path) -> Path:
-    """A local folder for `model`: the folder itself, or the snapshot of the Hub repository `user/name`
-    (downloaded into the Hugging Face cache, or taken from it when `HF_HUB_OFFLINE=1`). Errors name the model and
-    what is missing.
-
-    >>> from crystallm.generation import DEFAULT_MODEL
-    >>> resolve_model_folder(DEFAULT_MODEL) == Path(DEFAULT_MODEL)
-    True
-    """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    path = Path(model)
-    if path.exists():
-        return path
-    if not REPO_ID.match(str(model)):
-        raise CheckpointError(f"{model}: no such model folder (nor a Hub id of the form user/name)")
-    try:
-        return Path(snapshot_download(str(model)))
-    except GatedRepoError:
-        raise CheckpointError(f"{model}: the repository is gated; accept its terms on the Hub and log in "
-                              f"(hf auth login, or set HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{model}: no such repository on {constants.ENDPOINT} (or it is private and no token "
-                              f"with access is set: hf auth login, or HF_TOKEN)") from None
-    except RevisionNotFoundError as error:
-        raise CheckpointError(f"{model}: {error}") from None
-    except LocalEntryNotFoundError:
-        where = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
-        raise CheckpointError(f"{model}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {where}; "
-                              f"download it once online (crystallm generate --model {model}) or give a "
-                              f"local folder") from None
-    except HfHubHTTPError as error:
-        raise CheckpointError(f"{model}: the Hub answered {error}") from None
-
-
-def check_model_folder(folder: Path) -> dict:
-    """The config of a crystallm model folder; CheckpointError for anything else (another kind of model, or
-    no model at all)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}: not a model folder (config.json: {error})") from None
-    if config.get("model_type") != "crystallm":
-        raise CheckpointError(f"{folder}: not a crystallm model (its config.json says model_type "
-                              f"{config.get('model_type')!r})")
-    return config
-
-
 def files_to_push(folder: Path, adapters: list[str] | None = None) -> list[str]:
-    """Paths (relative to `folder`) that a push uploads: the model files, and the adapters asked for (default:
-    all) with the surrogates of their properties. An unknown adapter lists the available ones.
+    """Paths (relative to `folder`) that a push uploads: the model files and training corpus, and the adapters
+    asked for (default: all) with the surrogates of their properties. An unknown adapter lists the available ones.
 
-    >>> from crystallm.generation import DEFAULT_MODEL
+    >>> from crystallm.model_folder import DEFAULT_MODEL
     >>> files_to_push(Path(DEFAULT_MODEL), ["band_gap"])[-4:]
     ['adapters/band_gap/adapter_config.json', 'adapters/band_gap/adapter_model.safetensors', \
-'surrogates/band_gap/predictor.joblib', 'surrogates/band_gap/report.json']
+'surrogates/band_gap/predictor.skops', 'surrogates/band_gap/report.json']
     """
     from crystallm.adapters import ADAPTERS_FOLDER, available_adapters
 
@@ -88,10 +38,12 @@ def files_to_push(folder: Path, adapters: list[str] | None = None) -> list[str]:
     if unknown:
         raise CrystaLLMInputError(f"no adapter {unknown[0]!r} in {folder}; available: "
                                   f"{', '.join(available) or 'none'}")
-    files = [name for name in MODEL_FILES if (folder / name).exists()]
+    files = [name for name in (*MODEL_FILES, TRAINING_CORPUS) if (folder / name).exists()]
     for name in chosen:
-        for part in (ADAPTERS_FOLDER, "surrogates"):
-            files += sorted(str(p.relative_to(folder)) for p in (folder / part / name).glob("*") if p.is_file())
+        files += sorted(str(p.relative_to(folder)) for p in (folder / ADAPTERS_FOLDER / name).glob("*") if p.is_file())
+        # A surrogate travels as skops and its report only: a pickle beside them would run code where it lands.
+        files += [f"surrogates/{name}/{file}" for file in (PREDICTOR_FILE, REPORT_FILE)
+                  if (folder / "surrogates" / name / file).exists()]
     return files
 
 
@@ -127,7 +79,7 @@ def model_card_for(folder: Path, adapters: list[str]) -> str:
     hardware, results tables, as `train/export_model.py` writes it) under Hub metadata, plus what the push adds
     (adapters with their surrogates' held-out MAE, limitations, the data's licenses).
 
-    >>> from crystallm.generation import DEFAULT_MODEL
+    >>> from crystallm.model_folder import DEFAULT_MODEL
     >>> from huggingface_hub import ModelCard
     >>> card = ModelCard(model_card_for(Path(DEFAULT_MODEL), ["band_gap"]))
     >>> card.data.library_name, "band_gap" in card.text

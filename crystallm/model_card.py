@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crystallm import reports
+from crystallm.evaluation import reports
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json")
+               "tokenizer_config.json")  # the transformers files; the corpus, adapters and surrogates come beside
 
 
 def training_record(run_dir: str | Path) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from crystallm import serialization
+from crystallm.io import text_format
 
 BOS, EOS, PAD, MASK, UNK = "<bos>", "<eos>", "<pad>", "<mask>", "<unk>"
 NUM_PROPERTY_TOKENS = 16
@@ -25,9 +25,9 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, NO_PROPERTY_TOKEN, *PROPERTY_TOKENS,
 
 def build_backend_tokenizer() -> Tokenizer:
     """The `tokenizers.Tokenizer` for the current format: word-level over the format's lexemes."""
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *serialization.vocabulary()))}
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *text_format.vocabulary()))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(serialization.LEXEME_PATTERN), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(text_format.LEXEME_PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
@@ -35,9 +35,21 @@ def build_backend_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def encode_texts(tokenizer, texts: list[str], max_length: int):
+    """Texts as a training-shaped batch: each with `<bos>` and `<eos>`, right-padded (positions start at 0, as in
+    generation, which pads left and counts positions from the attention mask), truncated to `max_length`.
+
+    >>> batch = encode_texts(CrystaLLMTokenizer.from_format(), ["data_NaCl", "data_Si"], 16)
+    >>> batch["input_ids"].shape, batch["attention_mask"].sum(1).tolist()
+    (torch.Size([2, 4]), [4, 3])
+    """
+    return tokenizer([text + tokenizer.eos_token for text in texts], padding=True, truncation=True,
+                     max_length=max_length, return_tensors="pt", padding_side="right")
+
+
 def row_element_token_ids(tokenizer) -> list[int]:
     """Ids of the element tokens that start atom-site rows ("\\nGa"): what masked-atom prediction masks."""
-    return tokenizer.convert_tokens_to_ids(["\n" + symbol for symbol in serialization.element_symbols()])
+    return tokenizer.convert_tokens_to_ids(["\n" + symbol for symbol in text_format.element_symbols()])
 
 
 class CrystaLLMTokenizer(PreTrainedTokenizerFast):
@@ -59,14 +71,14 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
     def __init__(self, *args, **kwargs):
         # The backend is the format's (transformers 5 rebuilds a subclass with its own __init__ from the saved
         # vocabulary, so it is built here, and a saved vocabulary must be exactly the format's).
-        saved_version = kwargs.pop("format_version", serialization.FORMAT_VERSION)
+        saved_version = kwargs.pop("format_version", text_format.FORMAT_VERSION)
         saved_vocab = kwargs.pop("vocab", None)
         kwargs.pop("merges", None)
         if "tokenizer_object" not in kwargs:
             backend = build_backend_tokenizer()
-            if str(saved_version) != serialization.FORMAT_VERSION:
+            if str(saved_version) != text_format.FORMAT_VERSION:
                 raise ValueError(f"these tokenizer files were written for text format version {saved_version}; "
-                                 f"this crystallm reads format {serialization.FORMAT_VERSION}")
+                                 f"this crystallm reads format {text_format.FORMAT_VERSION}")
             if isinstance(saved_vocab, dict) and saved_vocab != backend.get_vocab(with_added_tokens=False):
                 raise ValueError("these tokenizer files hold another vocabulary than the text format's; "
                                  "rebuild them with tokenizer/build_tokenizer.py")
@@ -77,7 +89,7 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
         kwargs.setdefault("padding_side", "left")
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         super().__init__(*args, **kwargs)
-        self.init_kwargs["format_version"] = serialization.FORMAT_VERSION
+        self.init_kwargs["format_version"] = text_format.FORMAT_VERSION
 
     @classmethod
     def from_format(cls) -> "CrystaLLMTokenizer":
@@ -92,7 +104,7 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
         >>> len(tokenizer.encode_structure(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])))
         22
         """
-        text = serialization.serialize_structure(structure)
+        text = text_format.serialize_structure(structure)
         return self(text + (self.eos_token if add_eos else ""))["input_ids"]
 
     def decode_structure(self, ids):
@@ -104,4 +116,4 @@ class CrystaLLMTokenizer(PreTrainedTokenizerFast):
         >>> tokenizer.decode_structure(ids).composition.reduced_formula
         'CsCl'
         """
-        return serialization.parse_structure(self.decode(ids, skip_special_tokens=True))
+        return text_format.parse_structure(self.decode(ids, skip_special_tokens=True))

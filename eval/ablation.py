@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from crystallm import data, probing
+from crystallm import data
 from crystallm.modeling import load_model
-from crystallm.stages import read_stage_config
+from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
-from crystallm.training import PretrainingCollator
+from crystallm.training import probes
+from crystallm.training.collator import PretrainingCollator
 
 
 def _with_targets(texts_dataset, source: str, prop: str, limit: int, seed: int):
@@ -42,10 +43,10 @@ def main() -> None:
     for name, path in config["models"].items():
         model = load_model(path).eval()
         results[name] = {
-            "heldout_clm_loss": probing.causal_lm_loss(model, collator, test_texts),
-            "masked_atom_accuracy": probing.masked_atom_accuracy(model, collator, test_texts),
-            "retrieval_top1": probing.retrieval_top1(model, collator, test_texts, seed=seed),
-            f"linear_probe_mae_{config['property']}": probing.linear_probe_mae(model, collator, train_texts, train_y,
+            "heldout_clm_loss": probes.causal_lm_loss(model, collator, test_texts),
+            "masked_atom_accuracy": probes.masked_atom_accuracy(model, collator, test_texts),
+            "retrieval_top1": probes.retrieval_top1(model, collator, test_texts, seed=seed),
+            f"linear_probe_mae_{config['property']}": probes.linear_probe_mae(model, collator, train_texts, train_y,
                                                                                test_texts, test_y),
         }
         print(name, json.dumps(results[name]), flush=True)

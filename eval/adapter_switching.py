@@ -12,9 +12,10 @@ import statistics
 import time
 from pathlib import Path
 
-from crystallm.adapters import ADAPTERS_FOLDER, model_folder, use_adapter
-from crystallm.generation import load_generator
-from crystallm.stages import read_stage_config
+from crystallm.adapters import ADAPTERS_FOLDER, use_adapter
+from crystallm.generation.sampling import load_generator
+from crystallm.model_folder import model_folder
+from crystallm.stage_config import read_stage_config
 
 
 def timed(function):

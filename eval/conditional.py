@@ -7,11 +7,11 @@ rewritten after every measured row. With `ceiling_texts`, each target also gets 
 share of real held-out structures with that property value that the surrogate itself puts within tolerance.
 """
 
-from crystallm.conditional_benchmark import run_conditional_benchmark, write_report
-from crystallm.data import PROPERTY_UNITS
-from crystallm.generation import load_generator
-from crystallm.stages import read_stage_config
-from crystallm.surrogate import labelled_texts, load_surrogate
+from crystallm.data import PROPERTY_UNITS, labelled_texts
+from crystallm.generation.sampling import load_generator
+from crystallm.properties.conditional_benchmark import run_conditional_benchmark, write_report
+from crystallm.properties.surrogates import load_surrogate
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:

@@ -11,11 +11,12 @@ the summary adds `ranked n=1`: the match rate when each target's lowest-energy a
 
 from pathlib import Path
 
-from crystallm import evaluation, reports
-from crystallm.generation import load_generator
-from crystallm.metrics.stability import RelaxationSettings, rank_by_energy
-from crystallm.output_folder import GenerationFolder, generate_into
-from crystallm.stages import read_stage_config
+from crystallm.evaluation import batch, csp, reports
+from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
+from crystallm.generation import prompt
+from crystallm.generation.run_folder import GenerationFolder, generate_into
+from crystallm.generation.sampling import load_generator
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
@@ -25,8 +26,8 @@ def main() -> None:
     ids_file = config["ids"]
     if config.get("count"):  # the first `count` ids of the list (written beside the results, which name it)
         ids_file = out / "ids.txt"
-        ids_file.write_text("\n".join(evaluation.read_ids(config["ids"])[: int(config["count"])]) + "\n")
-    prompts, names = evaluation.csp_prompts(config["targets"], ids_file, attempts)
+        ids_file.write_text("\n".join(csp.read_ids(config["ids"])[: int(config["count"])]) + "\n")
+    prompts, names = prompt.csp_prompts(config["targets"], ids_file, attempts)
     model, tokenizer = load_generator(config.get("model"))
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
                 "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
@@ -41,7 +42,7 @@ def main() -> None:
         ranking = rank_by_energy([(name, s) for name, s in folder.valid_structures() if name in wanted],
                                  out / "stability.jsonl", RelaxationSettings(**config.get("relaxation", {})))
         energies = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
-    summary = evaluation.evaluate(out / "generated", csp=config["targets"], csp_ids=ids_file,
+    summary = batch.evaluate(out / "generated", csp=config["targets"], csp_ids=ids_file,
                                   attempts=tuple(sorted({1, attempts})), records_path=out / "records.jsonl",
                                   csp_energies=energies)
     summary["generation"] = generation["generation"]

@@ -7,14 +7,14 @@ Writes `<output_dir>/summary.json`, `summary.md`, `records.jsonl` (one line per 
 
 from pathlib import Path
 
-from crystallm import evaluation, reports
-from crystallm.stages import read_stage_config
+from crystallm.evaluation import batch, reports
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config.pop("output_dir"))
-    summary = evaluation.evaluate(config.pop("input"), plots=out / "plots", records_path=out / "records.jsonl",
+    summary = batch.evaluate(config.pop("input"), plots=out / "plots", records_path=out / "records.jsonl",
                                   **config)
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")

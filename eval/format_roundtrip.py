@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from crystallm import data
-from crystallm.format_check import check_round_trip
-from crystallm.stages import read_stage_config
+from crystallm.io.round_trip import check_round_trip
+from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from crystallm.generation import load_generator, measure_speed
-from crystallm.stages import read_stage_config
+from crystallm.generation.sampling import load_generator, measure_speed
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.generation import generate_structures
+from crystallm.generation.sampling import generate_structures
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
-from crystallm.stages import read_stage_config
+from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

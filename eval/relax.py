@@ -11,15 +11,15 @@ from pathlib import Path
 
 from pymatgen.core import Structure
 
-from crystallm import evaluation
-from crystallm.metrics.stability import relax_structures
-from crystallm.stages import read_stage_config
+from crystallm.evaluation import readers, scoring
+from crystallm.evaluation.relaxation import relax_structures
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     summary = {"steps": config["steps"], "fmax": config["fmax"], "limit": config["limit"], "runs": {}}
-    scored = {label: {r["name"]: r for r in evaluation.score_entries(evaluation.iter_entries(folder), num_proc=1)}
+    scored = {label: {r["name"]: r for r in scoring.score_entries(readers.iter_entries(folder), num_proc=1)}
               for label, folder in config["inputs"].items()}
     # The same samples in every run: the first `limit` names structurally valid in all of them.
     names = [name for name in next(iter(scored.values()))

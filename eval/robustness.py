@@ -12,13 +12,15 @@ import resource
 import zipfile
 from pathlib import Path
 
-from crystallm import data, evaluation, reports, serialization
-from crystallm.stages import read_stage_config
+from crystallm import data
+from crystallm.evaluation import batch, reports
+from crystallm.io.cif import structure_from_cif
+from crystallm.stage_config import read_stage_config
 
 
 def bad_entries(cif: str):
     """The kinds of bad entry, made from one real CIF."""
-    overlapping = serialization.structure_from_cif(cif)
+    overlapping = structure_from_cif(cif)
     overlapping.append(overlapping[0].specie, overlapping[0].frac_coords + 0.01)
     first_coordinate = cif.split("_atom_site_occupancy")[1].split()[3]
     return [("garbage.cif", b"\x00\x9f\x12 not a crystal \xff"), ("empty.cif", b""),
@@ -39,7 +41,7 @@ def main() -> None:
                 archive.writestr(f"{index:05d}_{name}", payload)
             else:
                 archive.writestr(f"{index:05d}.cif", cif)
-    summary = evaluation.evaluate(path, num_proc=config.get("num_proc"), progress=False)
+    summary = batch.evaluate(path, num_proc=config.get("num_proc"), progress=False)
     summary["peak_rss_mib"] = {
         "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

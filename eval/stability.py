@@ -1,5 +1,5 @@
 """Stage: the stability protocol (DESIGN.md section 5) on a collection: CHGNet relaxation of every structurally
-valid structure, E_hull against the approximate hull, RMSD and S.U.N. (crystallm/metrics/stability.py).
+valid structure, E_hull against the approximate hull, RMSD and S.U.N. (crystallm/evaluation/relaxation.py).
 
     python eval/stability.py configs/eval-stability-mp20bt-test500.yaml
 
@@ -9,17 +9,18 @@ Resumable: relaxation results go to `<output_dir>/stability.jsonl` as they come.
 
 from pathlib import Path
 
-from crystallm import data, evaluation, reports
-from crystallm.metrics.stability import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
-from crystallm.stages import read_stage_config
+from crystallm import data
+from crystallm.evaluation import batch, csp, reports
+from crystallm.evaluation.relaxation import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
-    ids = evaluation.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
+    ids = csp.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
     settings = RelaxationSettings(**config.get("relaxation", {}))
-    summary = evaluation.evaluate(config["input"], reference=config.get("reference"), ids=ids,
+    summary = batch.evaluate(config["input"], reference=config.get("reference"), ids=ids,
                                   limit=config.get("limit"), num_proc=config.get("num_proc"), stability=settings,
                                   stability_cache=out / "stability.jsonl")
     if config.get("known_column"):

@@ -6,11 +6,13 @@ import warnings
 import pytest
 import torch
 
-from crystallm import data, serialization
+from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
+from crystallm.io import text_format
+from crystallm.io.cif import structure_from_cif
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
-from crystallm.training import train_adapter
+from crystallm.training.adapter import train_adapter
 
 warnings.filterwarnings("ignore", module="pymatgen")
 
@@ -44,7 +46,7 @@ def nacl_cif() -> str:
 
 @pytest.fixture(scope="session")
 def nacl_text(nacl_cif) -> str:
-    return serialization.serialize_structure(serialization.structure_from_cif(nacl_cif))
+    return text_format.serialize_structure(structure_from_cif(nacl_cif))
 
 
 def _save_tiny_model(directory):

@@ -4,10 +4,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from crystallm import cli, serialization
+from crystallm import cli
 from crystallm.adapters import available_adapters, use_adapter
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
-from crystallm.generation import Prompt, generate_structures, load_generator
+from crystallm.generation.prompt import Prompt
+from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.io import text_format
 from crystallm.modeling import load_model
 from crystallm.tokenization import CrystaLLMTokenizer
 
@@ -58,7 +60,7 @@ def test_conditioned_generation_with_and_without_guidance(model_with_adapters):
     guided = list(generate_structures(model, tokenizer, prompt, num=4, batch_size=2, max_atoms=24, guidance=3.0))
     for sample in plain + guided:  # the condition is in the prompt, not in the text; every text parses
         assert sample.error == "" and sample.text.startswith("data_")
-        serialization.parse_structure(sample.text)
+        text_format.parse_structure(sample.text)
     assert [s.text for s in plain] != [s.text for s in guided]  # guidance changes what is sampled
     with pytest.raises(CrystaLLMInputError, match="condition on formation_energy_per_atom"):
         list(generate_structures(model, tokenizer, Prompt.of(property_name="formation_energy_per_atom", target=-1.0),

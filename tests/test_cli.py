@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from crystallm import cli, serialization
+from crystallm import cli
+from crystallm.io.cif import structure_from_cif
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -22,7 +23,7 @@ def test_to_cif_and_tokenize(tmp_path, capsys):
     assert cli.main(["serialize", str(EXAMPLES / "NaCl.cif"), "--out", str(text_file)]) == 0
     cif = tmp_path / "nacl.cif"
     assert cli.main(["to-cif", str(text_file), "--out", str(cif)]) == 0
-    assert serialization.structure_from_cif(cif.read_text()).composition.reduced_formula == "NaCl"
+    assert structure_from_cif(cif.read_text()).composition.reduced_formula == "NaCl"
     assert cli.main(["tokenize", str(text_file)]) == 0
     assert "22 tokens (with <bos>)" in capsys.readouterr().out
 

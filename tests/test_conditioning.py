@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from crystallm import serialization
-from crystallm.conditioning import CONDITIONS, check_target, condition_for, condition_prefix
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation import Prompt
-from crystallm.grammar import CrystalGrammarLogitsProcessor
+from crystallm.generation.conditioning import CONDITIONS, check_target, condition_for, condition_prefix
+from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
+from crystallm.generation.prompt import Prompt
+from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
 
@@ -32,7 +32,7 @@ def test_a_conditioned_prompt_is_two_tokens_and_the_grammar_reads_past_them():
     out = model.generate(**tokenizer([prefix + "data_"], return_tensors="pt"), max_new_tokens=300, do_sample=True,
                          logits_processor=LogitsProcessorList([CrystalGrammarLogitsProcessor(tokenizer, 24)]),
                          pad_token_id=0, eos_token_id=2)
-    serialization.parse_structure(tokenizer.decode(out[0], skip_special_tokens=True))
+    text_format.parse_structure(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
 def test_targets_outside_the_range_warn_and_unknown_properties_list_the_known():

@@ -6,7 +6,9 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymatgen.core.operations import SymmOp
 
-from crystallm import data, serialization
+from crystallm import data
+from crystallm.io import text_format
+from crystallm.io.cif import structure_from_cif
 from crystallm.tokenization import CrystaLLMTokenizer
 
 CORPUS = "data/pretraining-corpus.csv.gz"
@@ -74,7 +76,7 @@ def test_committed_texts_are_current(corpus, test_texts):
             row = texts[index]
             raw = data.load_source(row["source"])
             cif = raw[raw["id"].index(row["id"])]["cif"]
-            assert serialization.serialize_structure(serialization.structure_from_cif(cif)) == row["text"]
+            assert text_format.serialize_structure(structure_from_cif(cif)) == row["text"]
 
 
 def test_guard_catches_a_disguised_test_structure(test_texts):
@@ -82,14 +84,14 @@ def test_guard_catches_a_disguised_test_structure(test_texts):
     tests = [test_texts[i] for i in (0, 1, 2)]
     candidates = []
     for i, row in enumerate(tests):
-        structure = serialization.parse_structure(row["text"], primitive=True)
+        structure = text_format.parse_structure(row["text"], primitive=True)
         structure.apply_operation(SymmOp.from_axis_angle_and_translation(rng.normal(size=3), 40.0))
         structure = Structure.from_sites([structure[j] for j in rng.permutation(len(structure))])
         structure.make_supercell([1, 1, 2])
-        candidates.append((f"new-{i}", "somewhere", serialization.serialize_structure(structure)))
+        candidates.append((f"new-{i}", "somewhere", text_format.serialize_structure(structure)))
     unrelated = test_texts[test_texts.num_rows - 1]
     candidates.append(("new-unrelated", "somewhere",
-                       serialization.serialize_structure(serialization.parse_structure(unrelated["text"]))))
+                       text_format.serialize_structure(text_format.parse_structure(unrelated["text"]))))
     candidates.append((tests[0]["id"], "somewhere", unrelated["text"]))  # a test id under another text
     leaks = data.find_leaks(candidates, [(r["id"], r["source"], r["text"]) for r in tests], StructureMatcher())
     assert [leak.id for leak in leaks] == ["new-0", "new-1", "new-2", tests[0]["id"]]

@@ -4,12 +4,12 @@ import json
 import pytest
 
 from crystallm import cli
-from crystallm.data import PROPERTY_UNITS
+from crystallm.data import PROPERTY_UNITS, labelled_texts
 from crystallm.design import Target, neutral_example, plan_design, run_design
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
-from crystallm.generation import load_generator
-from crystallm.metrics.stability import RelaxationSettings
-from crystallm.surrogate import fit_surrogate, labelled_texts, save_surrogate
+from crystallm.evaluation.relaxation import RelaxationSettings
+from crystallm.generation.sampling import load_generator
+from crystallm.properties.surrogates import fit_surrogate, save_surrogate
 
 
 @pytest.fixture(scope="module")

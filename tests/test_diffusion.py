@@ -1,12 +1,14 @@
 import pytest
 import torch
 
-from crystallm import data, serialization
+from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.diffusion import COORDINATE, refine_texts, slot_values, value_slots, with_values
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation import Prompt, generate_structures
-from crystallm.modeling import CrystaLLMForCausalLM, load_model
+from crystallm.generation.prompt import Prompt
+from crystallm.generation.refinement import refine_texts, slot_values, value_slots, with_values
+from crystallm.generation.sampling import generate_structures
+from crystallm.io import text_format
+from crystallm.modeling import COORDINATE, CrystaLLMForCausalLM, load_model
 from crystallm.tokenization import CrystaLLMTokenizer
 
 
@@ -30,25 +32,25 @@ def model_with_head(tokenizer):
 
 def test_slots_are_exactly_the_free_values_of_real_texts(tokenizer, texts):
     for text in texts:
-        crystal = serialization.read_crystal_text(text)
+        crystal = text_format.read_crystal_text(text)
         slots = value_slots(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))
         free_coordinates = sum(len(site.wyckoff.free_axes) for site in crystal.sites)
         assert sum(slot.kind == COORDINATE for slot in slots) == free_coordinates, text
         # Writing the values back changes nothing: the slots address the right numbers.
         same = with_values(crystal, slots, slot_values(crystal, slots))
-        assert serialization.format_crystal_text(same) == text
+        assert text_format.format_crystal_text(same) == text
 
 
 def test_refinement_moves_only_free_values(model_with_head, tokenizer, texts):
     refined = refine_texts(model_with_head, tokenizer, texts, torch.Generator().manual_seed(0))
     moved = 0
     for text, crystal in zip(texts, refined):
-        original = serialization.read_crystal_text(text)
+        original = text_format.read_crystal_text(text)
         assert crystal.formula == original.formula and crystal.space_group == original.space_group
         assert [(s.element, s.wyckoff.label) for s in crystal.sites] == \
             [(s.element, s.wyckoff.label) for s in original.sites]
         moved += crystal != original
-        serialization.crystal_text_to_structure(crystal)  # still a structure
+        text_format.crystal_text_to_structure(crystal)  # still a structure
     assert moved > 0  # an untrained head does move values
 
 
@@ -67,7 +69,7 @@ def test_generate_refines_when_the_model_has_a_head_and_can_symmetrize(model_wit
     assert all(s.final_text == "" for s in plain) and all(s.final_text for s in refined)
     for sample in refined:
         assert sample.structure.composition.reduced_formula == "SrTiO3"
-        assert serialization.parse_structure(sample.final_text).composition.reduced_formula == "SrTiO3"
+        assert text_format.parse_structure(sample.final_text).composition.reduced_formula == "SrTiO3"
     snapped = list(generate_structures(model_with_head, tokenizer, Prompt.of(formula="SrTiO3"), refine=False,
                                        symmetrize=True, **kwargs))
     assert all(s.structure.composition.reduced_formula == "SrTiO3" for s in snapped)
@@ -82,7 +84,7 @@ def test_refine_needs_a_head(tokenizer):
 def test_train_refiner_saves_a_model_with_its_head_and_logs_value_errors(tmp_path, tokenizer):
     import json
 
-    from crystallm.training import train_refiner
+    from crystallm.training.refiner import train_refiner
 
     base = tmp_path / "base"
     CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)).save_pretrained(base)

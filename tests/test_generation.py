@@ -10,12 +10,15 @@ import pytest
 import torch
 from pymatgen.core import Composition, Structure
 
-from crystallm import cli, serialization
+from crystallm import cli
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError, CrystaLLMInputError
-from crystallm.generation import Prompt, generate_structures, load_generator, reduced_formula
+from crystallm.generation import run_folder
+from crystallm.generation.prompt import Prompt, reduced_formula
+from crystallm.generation.run_folder import GenerationFolder
+from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
-from crystallm.output_folder import GenerationFolder
 from crystallm.tokenization import CrystaLLMTokenizer
 
 
@@ -26,7 +29,7 @@ def tiny(tiny_model_dir):
 
 def test_formulas_are_reduced_into_the_format_order():
     assert reduced_formula("Cl4Na4") == {"Na": 1, "Cl": 1}
-    assert serialization.format_formula(reduced_formula("O3TiSr")) == "SrTiO3"
+    assert text_format.format_formula(reduced_formula("O3TiSr")) == "SrTiO3"
     for bad, problem in [("Xx2O", "Xx"), ("Na0.5Cl", "whole numbers"), ("", "formula")]:
         with pytest.raises(CrystaLLMInputError, match=problem):
             Prompt.of(formula=bad)
@@ -62,12 +65,12 @@ def test_every_sample_parses_fits_the_context_and_obeys_its_prompt(tiny):
     for sample in samples:
         assert sample.error == "" and sample.structure is not None, sample.text
         assert len(tokenizer(sample.text)["input_ids"]) < model.config.n_positions
-        crystal = serialization.read_crystal_text(sample.text)
+        crystal = text_format.read_crystal_text(sample.text)
         prompt = sample.prompt
         if prompt.formula:
             assert crystal.formula == dict(prompt.formula)
             assert sample.structure.composition.reduced_composition == Composition(
-                serialization.format_formula(dict(prompt.formula))).reduced_composition
+                text_format.format_formula(dict(prompt.formula))).reduced_composition
         if prompt.space_group:
             assert crystal.space_group == prompt.space_group
         if prompt.elements:
@@ -95,7 +98,7 @@ def test_samples_are_reproducible_and_a_resumed_run_continues_them(tiny):
 
 def test_left_padded_batches_give_the_same_text_as_single_prompts(tiny):
     model, tokenizer = tiny
-    prompts = ["data_", f"data_SrTiO3\n{serialization.TAG_SPACE_GROUP}"]
+    prompts = ["data_", f"data_SrTiO3\n{text_format.TAG_SPACE_GROUP}"]
     singles = [tokenizer.decode(model.generate(**tokenizer([p], return_tensors="pt"), max_new_tokens=12,
                                                do_sample=False, pad_token_id=0)[0], skip_special_tokens=True)
                for p in prompts]
@@ -137,7 +140,7 @@ def test_generate_writes_readable_cifs_extxyz_and_summaries_and_resumes(tiny_mod
     assert [entry["name"] for entry in lines] == [f"sample-{i:06d}" for i in range(4)]
     assert len(cifs) == len(frames) == 4
     structure = Structure.from_str(cifs["sample-000000.cif"], fmt="cif")
-    assert structure.composition.reduced_formula == serialization.parse_structure(
+    assert structure.composition.reduced_formula == text_format.parse_structure(
         lines[0]["text"]).composition.reduced_formula
     summary = json.loads((out / "summary.json").read_text())
     assert summary["entries"] == 4 and summary["parse_rate"] == 1.0 and summary["requested"] == 4
@@ -213,7 +216,6 @@ def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_writ
 def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path, monkeypatch):
     import errno
 
-    from crystallm import output_folder
     from crystallm.errors import OutputWriteError
 
     model, tokenizer = tiny
@@ -226,7 +228,7 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(output_folder, "_add_cifs", disk_full)
+    monkeypatch.setattr(run_folder, "_add_cifs", disk_full)
     with pytest.raises(OutputWriteError, match="No space left on device.*2 structures finished before are kept"):
         folder.write(samples[2:])
     assert (tmp_path / "cifs.zip").read_bytes() == before and not (tmp_path / "cifs.zip.partial").exists()

@@ -3,9 +3,10 @@ import torch
 from pymatgen.core import Composition
 from transformers import LogitsProcessorList
 
-from crystallm import data, serialization
+from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.grammar import CrystalGrammarLogitsProcessor
+from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
+from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
 
@@ -33,9 +34,9 @@ def sample(model, tokenizer, prompts, grammar: bool, max_atoms: int = 24) -> lis
 
 def parses(text: str) -> bool:
     try:
-        serialization.parse_structure(text)
+        text_format.parse_structure(text)
         return True
-    except serialization.MalformedTextError:
+    except text_format.MalformedTextError:
         return False
 
 
@@ -57,12 +58,12 @@ def test_untrained_model_writes_only_parseable_text_with_the_grammar(untrained, 
 
 def test_multiplicities_add_up_to_the_prompted_formula(untrained, tokenizer):
     formulas = ["NaCl", "Ga2Te3", "LiFePO4", "SrTiO3"]
-    prompts = [f"data_{f}\n{serialization.TAG_SPACE_GROUP}" for f in formulas]
+    prompts = [f"data_{f}\n{text_format.TAG_SPACE_GROUP}" for f in formulas]
     torch.manual_seed(2)
     for formula, text in zip(formulas, sample(untrained, tokenizer, prompts, grammar=True)):
-        structure = serialization.parse_structure(text)
+        structure = text_format.parse_structure(text)
         assert structure.composition.reduced_composition == Composition(formula).reduced_composition
-        assert serialization.read_crystal_text(text).formula == serialization.parse_formula(formula)
+        assert text_format.read_crystal_text(text).formula == text_format.parse_formula(formula)
 
 
 def test_a_prompt_outside_the_format_is_refused(tokenizer):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crystallm.adapters import use_adapter
-from crystallm.generation import load_generator
+from crystallm.generation.sampling import load_generator
 
 TOKEN = "hf_test_token"
 PROBE = """
@@ -20,7 +20,7 @@ import json, sys, torch
 import crystallm
 from transformers import AutoModelForCausalLM
 from crystallm.adapters import use_adapter
-from crystallm.generation import load_generator
+from crystallm.generation.sampling import load_generator
 repo, out = sys.argv[1], sys.argv[2]
 model, tokenizer = load_generator(repo, device="cpu")
 ids = tokenizer(["<prop_1><value_16>data_GaAs"], return_tensors="pt")["input_ids"]

@@ -7,8 +7,9 @@ import pytest
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
-from crystallm import data, serialization
-from crystallm.metrics import distribution, matching, symmetry_stats, validity
+from crystallm import data
+from crystallm.evaluation import distribution, matching, symmetry_stats, validity
+from crystallm.io.cif import structure_from_cif
 
 
 def test_compositional_validity_known_answer():
@@ -21,7 +22,7 @@ def test_compositional_validity_known_answer():
 
 
 def test_structural_validity_on_real_and_broken_structures(mp20_test_slice):
-    structures = [serialization.structure_from_cif(row["cif"]) for row in mp20_test_slice]
+    structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice]
     assert all(validity.structural_validity(s) for s in structures)
     crowded = structures[0].copy()
     crowded.append(crowded[0].specie, crowded[0].coords + 0.2, coords_are_cartesian=True)
@@ -31,7 +32,7 @@ def test_structural_validity_on_real_and_broken_structures(mp20_test_slice):
 
 
 def test_bond_length_reasonableness_flags_a_squeezed_cell(mp20_test_slice):
-    structure = serialization.structure_from_cif(mp20_test_slice[0]["cif"])
+    structure = structure_from_cif(mp20_test_slice[0]["cif"])
     assert validity.bond_length_reasonableness(structure) > 0.9
     squeezed = structure.copy()
     squeezed.scale_lattice(structure.volume * 0.3)
@@ -39,7 +40,7 @@ def test_bond_length_reasonableness_flags_a_squeezed_cell(mp20_test_slice):
 
 
 def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
-    structures = [serialization.structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
+    structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
     rotated = structures[0].copy()
     rotated.apply_operation(SymmOp.from_axis_angle_and_translation([1, 2, 3], 33))
     assert matching.unique_mask(structures + [rotated]) == [True] * 10 + [False]
@@ -48,7 +49,7 @@ def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
 
 
 def test_csp_of_structures_against_themselves(mp20_test_slice):
-    structures = [serialization.structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
+    structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
     result, rms = matching.csp_match(structures, [[s.copy()] for s in structures], attempts=1)
     assert result.match_rate == 1.0 and result.mean_rms < 1e-6
 

@@ -4,14 +4,20 @@ import math
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
-from crystallm import cli, serialization
-from crystallm.metrics.stability import (APPROXIMATIONS, ReferenceHull, RelaxationSettings, relax_structures,
-                                         stability_records)
-from crystallm.reports import read_json_lines
+from crystallm import cli
+from crystallm.evaluation.relaxation import (
+    APPROXIMATIONS,
+    ReferenceHull,
+    RelaxationSettings,
+    relax_structures,
+    stability_records,
+)
+from crystallm.evaluation.reports import read_json_lines
+from crystallm.io.cif import structure_from_cif
 
 
 def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
-    structures = [serialization.structure_from_cif(row["cif"], row["id"]) for row in mp20_test_slice[:2]]
+    structures = [structure_from_cif(row["cif"], row["id"]) for row in mp20_test_slice[:2]]
     overlapping = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0, 0, 0]])
     results = relax_structures(structures + [overlapping], steps=3)
     for structure, result in zip(structures, results[:2]):
@@ -24,7 +30,7 @@ def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
 def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(mp20_test_slice):
     hull = ReferenceHull.from_shared_data()
     for row in mp20_test_slice[:10]:
-        composition = Composition(serialization.structure_from_cif(row["cif"], row["id"]).composition)
+        composition = Composition(structure_from_cif(row["cif"], row["id"]).composition)
         formation = row["formation_energy_per_atom"]
         # The total energy per atom that has MP's formation energy, relative to MP's elemental references:
         energy = formation + sum(composition.get_atomic_fraction(e) * hull.elemental_energies[e.symbol]
@@ -39,7 +45,7 @@ def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(
 
 
 def test_stability_results_are_cached_per_structure_and_a_run_resumes(mp20_test_slice, tmp_path):
-    structures = [(row["id"], serialization.structure_from_cif(row["cif"], row["id"])) for row in mp20_test_slice[:2]]
+    structures = [(row["id"], structure_from_cif(row["cif"], row["id"])) for row in mp20_test_slice[:2]]
     cache = tmp_path / "stability.jsonl"
     settings = RelaxationSettings(steps=2)
     first = stability_records(structures[:1], cache, settings, num_proc=1, progress=False)
@@ -68,9 +74,9 @@ def test_evaluate_stability_command_writes_the_summary_with_its_approximations(m
 
 
 def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_slice, tmp_path):
-    from crystallm.metrics.stability import rank_by_energy
+    from crystallm.evaluation.relaxation import rank_by_energy
 
-    real = serialization.structure_from_cif(mp20_test_slice[0]["cif"])
+    real = structure_from_cif(mp20_test_slice[0]["cif"])
     squeezed = real.copy()
     squeezed.scale_lattice(real.volume * 0.7)  # the same crystal compressed: higher in energy
     overlapping = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0, 0, 0]])
@@ -80,7 +86,7 @@ def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_
 
 
 def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():
-    from crystallm.evaluation import evaluate_csp
+    from crystallm.evaluation.csp import evaluate_csp
 
     rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
     cesium_chloride = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])

@@ -2,8 +2,9 @@ import numpy as np
 import torch
 
 from crystallm.configuration import CrystaLLMConfig
+from crystallm.data import labelled_texts
 from crystallm.modeling import CrystaLLMForCausalLM
-from crystallm.surrogate import fit_surrogate, labelled_texts
+from crystallm.properties.surrogates import fit_surrogate
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

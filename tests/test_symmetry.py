@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystallm import data, serialization, symmetry
+from crystallm import data, symmetry
+from crystallm.io.cif import structure_from_cif
 
 
 def test_detected_space_group_agrees_with_materials_project(mp20_test_slice):
     with gzip.open(data.data_dir() / "mp_20_biternary/test.csv.gz", "rt") as handle:
         mp_numbers = {row["material_id"]: int(row["spacegroup.number"]) for row in csv.DictReader(handle)}
-    agree = sum(symmetry.detect_space_group(serialization.structure_from_cif(row["cif"]), 0.1)
+    agree = sum(symmetry.detect_space_group(structure_from_cif(row["cif"]), 0.1)
                 == mp_numbers[row["id"]] for row in mp20_test_slice)
     assert agree >= 0.95 * len(mp20_test_slice)
 
@@ -32,7 +33,7 @@ def test_every_wyckoff_position_is_consistent():
 def test_symmetrize_restores_a_perturbed_structure(mp20_test_slice):
     rng = np.random.default_rng(1)
     for row in mp20_test_slice[:10]:
-        structure = serialization.structure_from_cif(row["cif"])
+        structure = structure_from_cif(row["cif"])
         expected = symmetry.detect_space_group(structure, 0.01)
         noisy = structure.copy()
         noisy.perturb(0.02, min_distance=0.0, seed=int(rng.integers(1000)))

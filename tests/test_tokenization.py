@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from crystallm import serialization
-from crystallm.tokenization import CrystaLLMTokenizer, PROPERTY_TOKENS, VALUE_TOKENS
+from crystallm.io import text_format
+from crystallm.io.cif import structure_from_cif
+from crystallm.tokenization import PROPERTY_TOKENS, VALUE_TOKENS, CrystaLLMTokenizer
 
 COMMITTED = Path(__file__).resolve().parents[1] / "tokenizer" / "crystallm-tokenizer"
 
@@ -16,7 +17,7 @@ def tokenizer():
 
 def test_exact_text_round_trip_without_unknowns(tokenizer, real_slice):
     for row_id, source, cif in real_slice:
-        text = serialization.serialize_structure(serialization.structure_from_cif(cif))
+        text = text_format.serialize_structure(structure_from_cif(cif))
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.unk_token_id not in ids, (source, row_id)
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -25,7 +26,7 @@ def test_exact_text_round_trip_without_unknowns(tokenizer, real_slice):
 
 def test_tokens_are_the_format_lexemes(tokenizer, nacl_text):
     ids = tokenizer(nacl_text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(ids) == serialization.split_lexemes(nacl_text)
+    assert tokenizer.convert_ids_to_tokens(ids) == text_format.split_lexemes(nacl_text)
     assert len(ids) == 21  # data_ Na Cl, 2 tags + values, a = "5." "64", loop header, 2 rows of 5
 
 
@@ -42,7 +43,7 @@ def test_auto_tokenizer_loads_committed_files_equal_to_the_format(tokenizer, rea
     assert loaded.get_vocab() == tokenizer.get_vocab(), "re-run tokenizer/build_tokenizer.py"
     assert loaded.padding_side == "left"
     for _, _, cif in real_slice[:20]:
-        text = serialization.serialize_structure(serialization.structure_from_cif(cif))
+        text = text_format.serialize_structure(structure_from_cif(cif))
         ids = loaded(text)["input_ids"]
         assert ids == tokenizer(text)["input_ids"]
         assert loaded.decode(ids, skip_special_tokens=True) == text

@@ -5,7 +5,8 @@ import torch
 
 from crystallm import data
 from crystallm.tokenization import CrystaLLMTokenizer
-from crystallm.training import PretrainingCollator, epoch_batches, pretrain
+from crystallm.training.collator import PretrainingCollator, epoch_batches
+from crystallm.training.pretrain import pretrain
 
 
 def tiny_config(tmp_path, **overrides) -> dict:

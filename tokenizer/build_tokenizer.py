@@ -6,7 +6,7 @@ The committed files in tokenizer/crystallm-tokenizer/ are this stage's output; a
 still equal what the current format builds.
 """
 
-from crystallm.stages import read_stage_config
+from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

@@ -1,10 +1,10 @@
-"""Stage: train one property's LoRA adapter on the frozen base model (crystallm/conditioning.py for the prompt).
+"""Stage: train one property's LoRA adapter on the frozen base model (crystallm/generation/conditioning.py for the prompt).
 
     python train/adapter.py configs/adapter-band_gap.yaml
 """
 
-from crystallm.stages import read_stage_config
-from crystallm.training import train_adapter
+from crystallm.stage_config import read_stage_config
+from crystallm.training.adapter import train_adapter
 
 if __name__ == "__main__":
     print(train_adapter(read_stage_config(__doc__)))

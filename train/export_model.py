@@ -1,5 +1,5 @@
 """Stage: copy a trained model's files into a model folder (the shipped default lives in
-crystallm/resources/default-model) and write its model card from the run's records.
+crystallm/resources/default-model), with the corpus it was trained on, and write its model card from the run's records.
 
     python train/export_model.py configs/export-default-model.yaml
 """
@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 from crystallm.model_card import MODEL_FILES, render_model_card, training_record
-from crystallm.stages import read_stage_config
+from crystallm.model_folder import TRAINING_CORPUS
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
@@ -18,6 +19,8 @@ def main() -> None:
     destination.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(run / name, destination / name)
+    # What the model was trained on travels with it: the novelty reference of `crystallm design`.
+    shutil.copyfile(config["corpus"], destination / TRAINING_CORPUS)
     results = {label: json.loads(Path(path).read_text()) for label, path in (config.get("results") or {}).items()
                if Path(path).exists()}
     card = render_model_card(config["title"], config["description"], training_record(run), config["command"],

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from crystallm import data, serialization
-from crystallm.stages import read_stage_config
+from crystallm import data
+from crystallm.io import text_format
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     pd.DataFrame(build.corpus, columns=columns).to_csv(out / "pretraining-corpus.csv.gz", index=False)
     pd.DataFrame(build.tests, columns=columns).to_csv(out / "test-sets.csv.gz", index=False)
     report = {
-        "format_version": serialization.FORMAT_VERSION,
+        "format_version": text_format.FORMAT_VERSION,
         "corpus_sources": list(data.CORPUS_SOURCES),
         "test_sources": list(data.TEST_SOURCES),
         "corpus_size": len(build.corpus),

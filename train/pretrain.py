@@ -6,8 +6,8 @@
 Kill it and run the same command again: it resumes from `<output_dir>/checkpoint` at the saved step.
 """
 
-from crystallm.stages import read_stage_config
-from crystallm.training import pretrain
+from crystallm.stage_config import read_stage_config
+from crystallm.training.pretrain import pretrain
 
 
 def main() -> None:

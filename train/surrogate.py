@@ -1,9 +1,9 @@
-"""Stage: fit the surrogate predictor of one property (crystallm/surrogate.py) on the pretraining corpus rows that
+"""Stage: fit the surrogate predictor of one property (crystallm/properties/surrogates.py) on the pretraining corpus rows that
 have it, and measure its MAE on a test split it never saw.
 
     python train/surrogate.py configs/surrogate-band_gap.yaml
 
-Writes `<output_dir>/predictor.joblib` and `report.json` (validation MAE of each candidate, the chosen one,
+Writes `<output_dir>/predictor.skops` (no pickle) and `report.json` (validation MAE of each candidate, the chosen one,
 held-out MAE, and the MAE of always predicting the training mean, for scale).
 """
 
@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 
-from crystallm.data import PROPERTY_UNITS
-from crystallm.generation import load_generator
-from crystallm.stages import read_stage_config
-from crystallm.surrogate import fit_surrogate, labelled_texts, save_surrogate
+from crystallm.data import PROPERTY_UNITS, labelled_texts
+from crystallm.generation.sampling import load_generator
+from crystallm.properties.surrogates import fit_surrogate, save_surrogate
+from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:

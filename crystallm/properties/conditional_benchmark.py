@@ -14,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from crystallm import reports
 from crystallm.adapters import use_adapter
-from crystallm.generation import Prompt
-from crystallm.output_folder import GenerationFolder, generate_into
-from crystallm.surrogate import SurrogatePredictor
+from crystallm.evaluation import reports
+from crystallm.generation.prompt import Prompt
+from crystallm.generation.run_folder import GenerationFolder, generate_into
+from crystallm.properties.surrogates import SurrogatePredictor
 
 
 def target_statistics(predicted: np.ndarray, target: float, tolerance: float) -> dict:
@@ -49,7 +49,7 @@ def surrogate_ceiling(model, tokenizer, predictor: SurrogatePredictor, texts: li
 
 def score_folder(folder: GenerationFolder, summary: dict, model, tokenizer, predictor: SurrogatePredictor) -> dict:
     """Validity, uniqueness and the surrogate's predictions for the valid samples of a finished folder."""
-    valid_texts = [entry["text"] for entry, record in zip(folder.entries, folder.records) if record["valid"]]
+    valid_texts = [entry["text"] for entry, record in zip(folder.entries, folder.records) if record.valid]
     predicted = predictor.predict(model, tokenizer, valid_texts) if valid_texts else np.array([])
     return {"samples": summary["entries"], "validity": summary["validity"]["overall"],
             "uniqueness": summary["uniqueness"], "structures_per_second":

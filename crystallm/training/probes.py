@@ -7,8 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crystallm import serialization
-from crystallm.training import PretrainingCollator
+from crystallm.io import text_format
+from crystallm.properties.surrogates import embed
+from crystallm.tokenization import encode_texts
+from crystallm.training.collator import PretrainingCollator
 
 
 def _batches(items: list, size: int):
@@ -21,7 +23,7 @@ def causal_lm_loss(model, collator: PretrainingCollator, texts: list[str], batch
     """Mean next-token cross-entropy per token over texts (with <eos>)."""
     total, tokens = 0.0, 0
     for chunk in _batches(texts, batch_size):
-        batch = collator._encode(chunk)
+        batch = encode_texts(collator.tokenizer, chunk, collator.max_length)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = model.lm_head(model.encode(ids, mask)[:, :-1]).float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -43,27 +45,17 @@ def masked_atom_accuracy(model, collator: PretrainingCollator, texts: list[str],
     return correct / total
 
 
-@torch.no_grad()
-def pooled_embeddings(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """One mean-pooled causal embedding per text (batch, n_embd)."""
-    parts = []
-    for chunk in _batches(texts, batch_size):
-        batch = collator._encode(chunk)
-        parts.append(model.pooled_embedding(batch["input_ids"], batch["attention_mask"]).float().numpy())
-    return np.concatenate(parts)
-
-
 def retrieval_top1(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32,
                    seed: int = 0) -> float:
     """Within batches of `batch_size` crystals with 2+ sites, the share whose site-shuffled serialization is
     nearest (cosine, pooled embeddings) to its own original rather than to another crystal's."""
     rng = np.random.default_rng(seed)
-    texts = [t for t in texts if len(t.split(serialization.LOOP_HEADER)[1].strip("\n").split("\n")) > 1]
-    views = [serialization.shuffle_sites(t, rng) for t in texts]
+    texts = [t for t in texts if len(t.split(text_format.LOOP_HEADER)[1].strip("\n").split("\n")) > 1]
+    views = [text_format.shuffle_sites(t, rng) for t in texts]
     hits = total = 0
     for start in range(0, len(texts) - batch_size + 1, batch_size):
-        anchors = pooled_embeddings(model, collator, texts[start:start + batch_size])
-        positives = pooled_embeddings(model, collator, views[start:start + batch_size])
+        anchors = embed(model, collator.tokenizer, texts[start:start + batch_size])
+        positives = embed(model, collator.tokenizer, views[start:start + batch_size])
         anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
         positives /= np.linalg.norm(positives, axis=1, keepdims=True)
         hits += int((np.argmax(positives @ anchors.T, axis=1) == np.arange(batch_size)).sum())
@@ -79,6 +71,6 @@ def linear_probe_mae(model, collator: PretrainingCollator, train_texts: list[str
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    probe.fit(pooled_embeddings(model, collator, train_texts), train_targets)
-    prediction = probe.predict(pooled_embeddings(model, collator, test_texts))
+    probe.fit(embed(model, collator.tokenizer, train_texts), train_targets)
+    prediction = probe.predict(embed(model, collator.tokenizer, test_texts))
     return float(np.mean(np.abs(prediction - test_targets)))

@@ -6,8 +6,8 @@ import time
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from crystallm import serialization
 from crystallm.errors import CrystaLLMInputError
+from crystallm.io import text_format
 
 _MATCHER = StructureMatcher()
 # Default tolerances, no reduction to a primitive cell, supercells allowed: tells StructureMatcher's own
@@ -32,17 +32,17 @@ def check_round_trip(cif: str, name: str, tokenizer) -> dict:
     record = {"n_tokens": -1, "text_round_trip": False, "matched": False, "matched_supercell": False,
               "rms": -1.0, "error": "", "serialize_s": 0.0, "tokenize_s": 0.0, "text": ""}
     try:
-        structure = serialization.structure_from_cif(cif, name)
+        structure = structure_from_cif(cif, name)
         start = time.perf_counter()
-        text = serialization.serialize_structure(structure)
+        text = text_format.serialize_structure(structure)
         record["serialize_s"] = time.perf_counter() - start
         start = time.perf_counter()
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         record["tokenize_s"] = time.perf_counter() - start
         record.update(text=text, n_tokens=len(ids),
                       text_round_trip=tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids)
-        record["matched"] = bool(_MATCHER.fit(structure, serialization.parse_structure(text, primitive=True)))
-        rms = _MATCHER_SUPERCELL.get_rms_dist(structure, serialization.parse_structure(text))
+        record["matched"] = bool(_MATCHER.fit(structure, text_format.parse_structure(text, primitive=True)))
+        rms = _MATCHER_SUPERCELL.get_rms_dist(structure, text_format.parse_structure(text))
         record.update(matched_supercell=rms is not None, rms=float(rms[0]) if rms is not None else -1.0)
     except CrystaLLMInputError as error:
         record["error"] = f"{type(error).__name__}: {error}"

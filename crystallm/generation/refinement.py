@@ -1,5 +1,5 @@
-"""The continuous refinement head: a small denoiser that turns the coarse numbers the language model wrote into
-continuous lattice parameters and free coordinates (DESIGN.md sections 1 and 4).
+"""Running the continuous refinement head (`crystallm.modeling.CrystalRefiner`): it turns the coarse numbers the
+language model wrote into continuous lattice parameters and free coordinates (DESIGN.md sections 1 and 4).
 
 Each continuous value of a text (a free lattice parameter or a free Wyckoff coordinate; fixed coordinates never
 move) is one element of a set. Its features: the GPT's final hidden state at the token *before* the value (what
@@ -18,14 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from crystallm import serialization
+from crystallm.io import text_format
 
 LENGTH, ANGLE, COORDINATE = 0, 1, 2
-# Normalization per kind (log-length, degrees, fraction): one unit is about a typical LM error.
-SCALES = torch.tensor([0.02, 1.0, 0.02])
-FOURIER_FREQUENCIES = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
 
 
 @dataclass
@@ -47,12 +43,12 @@ def value_slots(tokens: list[str]) -> list[ValueSlot]:
     >>> from crystallm.tokenization import CrystaLLMTokenizer
     >>> tokenizer = CrystaLLMTokenizer.from_format()
     >>> text = "data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.69\\n" + \\
-    ...     serialization.LOOP_HEADER + "\\nNa 4a . . .\\nCl 4b . . ."
+    ...     text_format.LOOP_HEADER + "\\nNa 4a . . .\\nCl 4b . . ."
     >>> [(s.kind, s.lattice_index) for s in value_slots(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))]
     [(0, 0)]
     """
     slots: list[ValueSlot] = []
-    lattice_tags = {"\n" + tag: index for index, tag in enumerate(serialization.LATTICE_TAGS)}
+    lattice_tags = {"\n" + tag: index for index, tag in enumerate(text_format.LATTICE_TAGS)}
     site, position = -1, 0
     while position < len(tokens):
         token = tokens[position]
@@ -60,14 +56,14 @@ def value_slots(tokens: list[str]) -> list[ValueSlot]:
             index = lattice_tags[token]
             slots.append(ValueSlot(LENGTH if index < 3 else ANGLE, position, position + 1, lattice_index=index))
             position += 3
-        elif token.startswith("\n") and token[1:] in serialization.element_symbols() and position + 1 < len(tokens):
+        elif token.startswith("\n") and token[1:] in text_format.element_symbols() and position + 1 < len(tokens):
             site += 1
             position += 2  # element, Wyckoff symbol
             param = 0
             for _ in range(3):
                 if position >= len(tokens):
                     break
-                if tokens[position] == " " + serialization.FIXED_COORDINATE:
+                if tokens[position] == " " + text_format.FIXED_COORDINATE:
                     position += 1
                     continue
                 slots.append(ValueSlot(COORDINATE, position - 1, position, site=site, param=param))
@@ -78,7 +74,7 @@ def value_slots(tokens: list[str]) -> list[ValueSlot]:
     return slots
 
 
-def slot_values(crystal: serialization.CrystalText, slots: list[ValueSlot]) -> list[float]:
+def slot_values(crystal: text_format.CrystalText, slots: list[ValueSlot]) -> list[float]:
     """The values of the slots in a CrystalText, in the head's units (log-length, degrees, fraction)."""
     values = []
     for slot in slots:
@@ -90,8 +86,8 @@ def slot_values(crystal: serialization.CrystalText, slots: list[ValueSlot]) -> l
     return values
 
 
-def with_values(crystal: serialization.CrystalText, slots: list[ValueSlot],
-                values: list[float]) -> serialization.CrystalText:
+def with_values(crystal: text_format.CrystalText, slots: list[ValueSlot],
+                values: list[float]) -> text_format.CrystalText:
     """A CrystalText with the slots' values replaced (head units in); lattice parameters that the crystal system
     ties are filled in by writing and reading the text again."""
     lattice = list(crystal.lattice_parameters)
@@ -100,92 +96,14 @@ def with_values(crystal: serialization.CrystalText, slots: list[ValueSlot],
         if slot.kind == COORDINATE:
             params[slot.site][slot.param] = float(value) % 1.0
         elif slot.kind == LENGTH:
-            lattice[slot.lattice_index] = float(np.clip(math.exp(value), serialization.MIN_LENGTH,
-                                                        serialization.MAX_LENGTH - 0.01))
+            lattice[slot.lattice_index] = float(np.clip(math.exp(value), text_format.MIN_LENGTH,
+                                                        text_format.MAX_LENGTH - 0.01))
         else:
             lattice[slot.lattice_index] = float(np.clip(value, 1.0, 179.99))
-    sites = tuple(serialization.AtomSite(site.element, site.wyckoff, tuple(p)) for site, p in zip(crystal.sites, params))
-    edited = serialization.CrystalText(crystal.formula, crystal.space_group, crystal.formula_units, tuple(lattice),
+    sites = tuple(text_format.AtomSite(site.element, site.wyckoff, tuple(p)) for site, p in zip(crystal.sites, params))
+    edited = text_format.CrystalText(crystal.formula, crystal.space_group, crystal.formula_units, tuple(lattice),
                                        sites)
-    return serialization.read_crystal_text(serialization.format_crystal_text(edited))
-
-
-def periodic_difference(delta: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """Differences of fractional coordinates taken the short way round the unit circle."""
-    return torch.where(kinds == COORDINATE, delta - torch.round(delta), delta)
-
-
-class CrystalRefiner(nn.Module):
-    """The denoiser: (hidden states, kinds, coarse values, noisy values, noise level) -> predicted clean values.
-
-    >>> refiner = CrystalRefiner(hidden_size=32, width=16, layers=1, heads=2)
-    >>> shape = (2, 5)
-    >>> out = refiner(torch.zeros(*shape, 32), torch.full(shape, 2), torch.rand(shape), torch.rand(shape),
-    ...               torch.ones(2), torch.ones(shape, dtype=torch.bool))
-    >>> out.shape
-    torch.Size([2, 5])
-    """
-
-    def __init__(self, hidden_size: int, width: int = 128, layers: int = 2, heads: int = 4, sigma_start: float = 4.0,
-                 steps: int = 8):
-        super().__init__()
-        self.sigma_start, self.steps = sigma_start, steps  # inference defaults, saved in the model's config
-        features = 2 * len(FOURIER_FREQUENCIES) + 3  # Fourier of the noisy value, offsets, log noise level
-        self.hidden = nn.Linear(hidden_size, width)
-        self.kind = nn.Embedding(3, width)
-        self.values = nn.Sequential(nn.Linear(features, width), nn.GELU(), nn.Linear(width, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.out = nn.Linear(width, 1)
-
-    def forward(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, noisy: torch.Tensor,
-                sigma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted clean values (same units as the inputs) for each slot; `sigma` is per structure, normalized."""
-        scale = SCALES.to(noisy.device)[kinds]
-        offset = periodic_difference(noisy - coarse, kinds) / scale
-        angle = 2 * math.pi * noisy.unsqueeze(-1) * FOURIER_FREQUENCIES.to(noisy.device)
-        is_coordinate = (kinds == COORDINATE).unsqueeze(-1).float()
-        fourier = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1) * is_coordinate
-        level = torch.log(sigma)[:, None, None].expand(*noisy.shape, 1)
-        absolute = torch.where(kinds == ANGLE, noisy / 90 - 1, torch.where(kinds == LENGTH, noisy - 1.5, 0 * noisy))
-        features = torch.cat([fourier, offset.unsqueeze(-1), absolute.unsqueeze(-1), level], dim=-1)
-        x = self.hidden(hidden) + self.kind(kinds) + self.values(features)
-        x = self.encoder(x, src_key_padding_mask=~mask)
-        step = self.out(x).squeeze(-1) * scale  # predicted (clean - noisy), in value units
-        return noisy + step
-
-    def loss(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, clean: torch.Tensor,
-             mask: torch.Tensor, sigma_range: tuple[float, float], generator: torch.Generator | None = None):
-        """Denoising loss: noise the clean values at a random level per structure, predict them back (normalized
-        squared error over the real slots)."""
-        batch = clean.shape[0]
-        low, high = math.log(sigma_range[0]), math.log(sigma_range[1])
-        sigma = torch.exp(torch.rand(batch, generator=generator) * (high - low) + low).to(clean.device)
-        scale = SCALES.to(clean.device)[kinds]
-        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-        noisy = clean + sigma[:, None] * scale * noise
-        noisy = torch.where(kinds == COORDINATE, noisy % 1.0, noisy)
-        predicted = self(hidden, kinds, coarse, noisy, sigma, mask)
-        error = periodic_difference(predicted - clean, kinds) / scale
-        return (error.pow(2) * mask).sum() / mask.sum().clamp(min=1)
-
-    @torch.no_grad()
-    def refine(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor,
-               sigma_start: float | None = None, steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample clean values starting from the coarse ones at noise level `sigma_start` (normalized units),
-        with `steps` deterministic denoising steps down a geometric schedule (the probability-flow update of a
-        variance-exploding diffusion)."""
-        sigma_start, steps = sigma_start or self.sigma_start, steps or self.steps
-        scale = SCALES.to(coarse.device)[kinds]
-        sigmas = torch.exp(torch.linspace(math.log(sigma_start), math.log(sigma_start / 20), steps)).tolist() + [0.0]
-        noise = torch.randn(coarse.shape, generator=generator).to(coarse.device)
-        x = coarse + sigmas[0] * scale * noise
-        for sigma, following in zip(sigmas[:-1], sigmas[1:]):
-            x = torch.where(kinds == COORDINATE, x % 1.0, x)
-            clean = self(hidden, kinds, coarse, x, torch.full((x.shape[0],), sigma, device=x.device), mask)
-            x = clean + (following / sigma) * periodic_difference(x - clean, kinds)
-        return torch.where(kinds == COORDINATE, x % 1.0, x)
+    return text_format.read_crystal_text(text_format.format_crystal_text(edited))
 
 
 @dataclass
@@ -198,7 +116,7 @@ class SlotBatch:
     clean: torch.Tensor
     mask: torch.Tensor
     slots: list[list[ValueSlot]]
-    crystals: list[serialization.CrystalText]
+    crystals: list[text_format.CrystalText]
 
 
 def _sample_chunk(logits: torch.Tensor, ids: list[int], generator: torch.Generator | None) -> int:
@@ -223,7 +141,7 @@ def slot_batch(model, tokenizer, texts: list[str], lm_coarse: bool, generator: t
         if places:
             rows, columns = zip(*places)
             logits = dict(zip(places, model.lm_head(hidden[list(rows), list(columns)])))
-    crystals = [serialization.read_crystal_text(text) for text in texts]
+    crystals = [text_format.read_crystal_text(text) for text in texts]
     width = max(1, max(len(s) for s in slots))
     shape = (len(texts), width)
     batch = SlotBatch(torch.zeros(*shape, hidden.shape[-1]), torch.zeros(shape, dtype=torch.long),
@@ -255,11 +173,11 @@ def _lm_value(logits: dict, row: int, slot: ValueSlot, clean: float, vocabulary,
     else:
         decimals = int(torch.randint(100, (1,), generator=generator))
     value = first + decimals / (10_000 if slot.kind == COORDINATE else 100)
-    return math.log(max(value, serialization.MIN_LENGTH)) if slot.kind == LENGTH else value
+    return math.log(max(value, text_format.MIN_LENGTH)) if slot.kind == LENGTH else value
 
 
 def refine_texts(model, tokenizer, texts: list[str], generator: torch.Generator | None = None,
-                 ) -> list[serialization.CrystalText]:
+                 ) -> list[text_format.CrystalText]:
     """The crystals of parseable texts with their continuous values refined by the model's head (one GPT forward
     pass, then the head's denoising steps). A crystal whose refined values do not make a valid text keeps the
     written ones.
@@ -270,7 +188,7 @@ def refine_texts(model, tokenizer, texts: list[str], generator: torch.Generator 
     >>> tokenizer = CrystaLLMTokenizer.from_format()
     >>> model = CrystaLLMForCausalLM(CrystaLLMConfig(n_layer=1, n_embd=32, n_head=2, refiner={"width": 16}))
     >>> text = "data_Po\\n_space_group_name_H-M_alt Pm-3m\\n_cell_formula_units_Z 1\\n_cell_length_a 3.35\\n" + \\
-    ...     serialization.LOOP_HEADER + "\\nPo 1a . . ."
+    ...     text_format.LOOP_HEADER + "\\nPo 1a . . ."
     >>> refined = refine_texts(model.eval(), tokenizer, [text])[0]
     >>> refined.space_group, 1.0 < refined.lattice_parameters[0] < 10.0
     (221, True)

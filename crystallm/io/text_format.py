@@ -51,8 +51,8 @@ import numpy as np
 from pymatgen.core import Element, Lattice, Structure
 
 from crystallm import symmetry
-from crystallm.errors import (CrystaLLMInputError, InvalidStructureError, MalformedCIFError, MalformedTextError,
-                             WyckoffLocationError)
+from crystallm.errors import CrystaLLMInputError, InvalidStructureError, MalformedTextError, WyckoffLocationError
+from crystallm.io.cif import is_chemical_element, structure_from_cif
 
 FORMAT_VERSION = "1"
 
@@ -217,11 +217,6 @@ def format_crystal_text(crystal: CrystalText) -> str:
     return "\n".join(lines)
 
 
-def _is_element(specie) -> bool:
-    """True for an Element or an ionic Species of one; False for dummy species such as 'X0+'."""
-    return Element.is_valid_symbol(getattr(specie, "symbol", ""))
-
-
 @lru_cache(maxsize=None)
 def _formula_order(symbol: str) -> tuple[float, str]:
     """pymatgen's formula order: by Pauling electronegativity (noble gases, which have none, last)."""
@@ -253,7 +248,7 @@ def _check_orderable(structure: Structure) -> None:
             f"site {index} is disordered or partially occupied ({site.species.formula}); "
             "the format holds ordered structures only")
     for index, site in enumerate(structure):
-        if not _is_element(site.specie):
+        if not is_chemical_element(site.specie):
             raise InvalidStructureError(f"site {index} holds {site.specie!s}, which is not a chemical element")
     lengths, volume = structure.lattice.abc, structure.lattice.volume
     if not all(math.isfinite(x) for x in (*lengths, volume)) or volume < 1e-3:
@@ -566,48 +561,6 @@ def parse_structure(text: str, primitive: bool = False) -> Structure:
     'NaCl'
     """
     return crystal_text_to_structure(read_crystal_text(text), primitive)
-
-
-def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
-    """Read a CIF (text) into an ordered structure, with errors that name the input and the problem.
-
-    >>> s = structure_from_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]).to(fmt="cif"))
-    >>> s.composition.reduced_formula
-    'CsCl'
-    """
-    from pymatgen.io.cif import CifParser
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            structures = CifParser.from_str(cif).parse_structures(primitive=False)
-        except Exception as error:  # pymatgen raises ValueError, KeyError, IndexError... for bad CIFs
-            problems = "; ".join(str(w.message) for w in caught) or str(error)
-            raise MalformedCIFError(f"{name}: not a readable CIF ({problems})") from error
-    if not structures:
-        raise MalformedCIFError(f"{name}: the CIF holds no structure")
-    structure = structures[0]
-    for index, site in enumerate(structure):
-        for specie in site.species:
-            if not _is_element(specie):
-                raise MalformedCIFError(f"{name}: site {index} holds {specie!s}, which is not a known element")
-    return structure
-
-
-def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFAULT_SYMPREC) -> str:
-    """A standard CIF that other programs (VESTA, ASE, pymatgen) read, with symmetry where found.
-
-    >>> "_symmetry_space_group_name_H-M" in structure_to_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"],
-    ...     [[0, 0, 0], [.5, .5, .5]]))
-    True
-    """
-    from pymatgen.io.cif import CifWriter
-    from pymatgen.symmetry.analyzer import SymmetryUndeterminedError
-
-    try:
-        return str(CifWriter(structure, symprec=symprec, angle_tolerance=symmetry.DEFAULT_ANGLE_TOLERANCE))
-    except SymmetryUndeterminedError:  # spglib finds no group (e.g. overlapping atoms): write it as P1
-        return str(CifWriter(structure))
 
 
 @dataclass

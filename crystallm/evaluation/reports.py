@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: scoring's readers use this module's JSON-lines reader
+    from crystallm.evaluation.scoring import ScoredStructure
 
 
 def write_json(summary: dict, path: str | Path) -> None:
@@ -64,6 +67,8 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 def markdown_table(summary: dict) -> str:
     """The headline numbers of a summary as a Markdown table (also printed by `crystallm evaluate`)."""
     rows = [("entries", summary["entries"]), ("unreadable", summary["unreadable"])]
+    if summary.get("skipped"):
+        rows.append(("skipped (not structure files)", summary["skipped"]["files"]))
     if summary.get("parse_rate") is not None:
         rows.append(("parse rate", summary["parse_rate"]))
     rows += [(f"validity: {key}", value) for key, value in summary["validity"].items()]
@@ -110,7 +115,7 @@ def write_markdown(summary: dict, path: str | Path) -> None:
     Path(path).write_text("\n".join(lines + ["", markdown_table(summary), ""]))
 
 
-def write_plots(records: list[dict], reference: list[dict] | None, directory: str | Path) -> list[Path]:
+def write_plots(records: list[ScoredStructure], reference: list[ScoredStructure] | None, directory: str | Path) -> list[Path]:
     """Space-group histogram, density and element-count distributions vs reference, validity breakdown."""
     import matplotlib
 
@@ -119,7 +124,7 @@ def write_plots(records: list[dict], reference: list[dict] | None, directory: st
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    scored = [r for r in records if not r["error"]]
+    scored = [r for r in records if not r.error]
     written = []
 
     def save(figure, name):
@@ -130,10 +135,10 @@ def write_plots(records: list[dict], reference: list[dict] | None, directory: st
         written.append(path)
 
     figure, axis = plt.subplots(figsize=(9, 3.2))
-    groups = [r["space_group_0_1"] or 1 for r in scored]
+    groups = [r.space_group_0_1 or 1 for r in scored]
     axis.hist(groups, bins=np.arange(0.5, 231.5, 1.0), color="tab:blue", label="evaluated")
     if reference:
-        axis.hist([r["space_group_0_1"] or 1 for r in reference], bins=np.arange(0.5, 231.5, 1.0),
+        axis.hist([r.space_group_0_1 or 1 for r in reference], bins=np.arange(0.5, 231.5, 1.0),
                   histtype="step", color="black", density=False,
                   weights=np.full(len(reference), len(scored) / max(1, len(reference))), label="reference (scaled)")
     axis.set(xlabel="space group number (spglib, symprec 0.1)", ylabel="structures", xlim=(0, 231))
@@ -143,11 +148,11 @@ def write_plots(records: list[dict], reference: list[dict] | None, directory: st
     for key, label, name in (("density", "density (g/cm$^3$)", "density.png"),
                              ("n_elements", "number of elements", "num_elements.png")):
         figure, axis = plt.subplots(figsize=(5, 3.2))
-        values = [r[key] for r in scored if np.isfinite(r[key])]
+        values = [getattr(r, key) for r in scored if np.isfinite(getattr(r, key))]
         bins = np.arange(0.5, 9.5, 1.0) if key == "n_elements" else 40
         axis.hist(values, bins=bins, density=True, alpha=0.6, label="evaluated")
         if reference:
-            axis.hist([r[key] for r in reference], bins=bins, density=True, histtype="step", color="black",
+            axis.hist([getattr(r, key) for r in reference], bins=bins, density=True, histtype="step", color="black",
                       label="reference")
         axis.set(xlabel=label, ylabel="share")
         axis.legend()
@@ -155,9 +160,9 @@ def write_plots(records: list[dict], reference: list[dict] | None, directory: st
 
     figure, axis = plt.subplots(figsize=(5, 3.2))
     counts = {"unreadable": len(records) - len(scored),
-              "structurally invalid": sum(not r["structural_valid"] for r in scored),
-              "compositionally invalid": sum(r["structural_valid"] and not r["compositional_valid"] for r in scored),
-              "valid": sum(r["valid"] for r in scored)}
+              "structurally invalid": sum(not r.structural_valid for r in scored),
+              "compositionally invalid": sum(r.structural_valid and not r.compositional_valid for r in scored),
+              "valid": sum(r.valid for r in scored)}
     axis.barh(list(counts), list(counts.values()), color=["grey", "tab:red", "tab:orange", "tab:green"])
     axis.set(xlabel="entries")
     save(figure, "validity.png")

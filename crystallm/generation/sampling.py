@@ -16,143 +16,16 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from pymatgen.core import Composition, Structure
+from pymatgen.core import Structure
 from transformers import LogitsProcessorList
 
-from crystallm import serialization, symmetry
-from crystallm.conditioning import check_target, condition_prefix
+from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError
-from crystallm.grammar import CrystalGrammarLogitsProcessor
+from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
+from crystallm.generation.prompt import Prompt
+from crystallm.io import text_format
 
-DEFAULT_MODEL = Path(__file__).parent / "resources" / "default-model"
 DEFAULT_MAX_ATOMS = 160  # conventional cell; 99.9% of the pretraining corpus has at most this many atoms
-
-
-def reduced_formula(formula: str) -> dict[str, int]:
-    """A formula (any order, any multiple, parentheses allowed) as the text format writes it: the reduced
-    integer formula in pymatgen's electronegativity order.
-
-    >>> reduced_formula("Cl4Na4"), reduced_formula("Fe2(SO4)3")
-    ({'Na': 1, 'Cl': 1}, {'Fe': 2, 'S': 3, 'O': 12})
-    """
-    try:
-        amounts = Composition(formula).get_el_amt_dict()
-    except (ValueError, KeyError) as error:
-        raise CrystaLLMInputError(f"formula {formula!r}: {error}") from None
-    if not amounts:
-        raise CrystaLLMInputError(f"formula {formula!r}: no elements")
-    unknown = [symbol for symbol in amounts if symbol not in serialization.element_symbols()]
-    if unknown:
-        raise CrystaLLMInputError(f"formula {formula!r}: unknown element {unknown[0]!r}")
-    if any(not float(a).is_integer() or a <= 0 for a in amounts.values()):
-        raise CrystaLLMInputError(f"formula {formula!r}: element counts must be positive whole numbers")
-    return serialization.reduce_formula({element: int(count) for element, count in amounts.items()})[0]
-
-
-def parse_space_group(value: str | int) -> int:
-    """A space group given as a number (1-230) or a Hermann-Mauguin short symbol.
-
-    >>> parse_space_group("Fm-3m"), parse_space_group("225"), parse_space_group("P6_3/mmc")
-    (225, 225, 194)
-    """
-    text = str(value).strip()
-    if text.isdigit():
-        if not 1 <= int(text) <= 230:
-            raise CrystaLLMInputError(f"space group {text}: numbers run from 1 to 230")
-        return int(text)
-    try:
-        return symmetry.space_group_number(text)
-    except KeyError as error:
-        raise CrystaLLMInputError(f"space group {text!r}: {error.args[0]}") from None
-
-
-def parse_chemical_system(value: str) -> tuple[str, ...]:
-    """A chemical system such as 'Li-Fe-P-O' (each element must appear in the formula).
-
-    >>> parse_chemical_system("Li-Fe-P-O")
-    ('Li', 'Fe', 'P', 'O')
-    """
-    elements = tuple(part.strip() for part in value.split("-"))
-    unknown = [e for e in elements if e not in serialization.element_symbols()]
-    if unknown or not elements:
-        raise CrystaLLMInputError(f"chemical system {value!r}: unknown element {unknown[0]!r}" if unknown
-                                  else f"chemical system {value!r}: no elements")
-    if len(set(elements)) != len(elements):
-        raise CrystaLLMInputError(f"chemical system {value!r}: an element is named twice")
-    return elements
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What to generate. Empty: unconditional. `formula` (reduced, format order): crystal structure prediction.
-    `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes.
-    `property_name` + `target`: a property condition before the text (`crystallm.conditioning`), for a model
-    with that property's adapter; `target` None is the unconditional branch of guidance."""
-
-    formula: tuple[tuple[str, int], ...] = ()
-    space_group: int | None = None
-    elements: tuple[str, ...] = ()
-    property_name: str | None = None
-    target: float | None = None
-
-    @classmethod
-    def of(cls, formula: str | None = None, space_group: str | int | None = None,
-           chemical_system: str | None = None, property_name: str | None = None,
-           target: float | None = None) -> "Prompt":
-        """A prompt from what a user types; bad input raises CrystaLLMInputError naming it.
-
-        >>> Prompt.of(formula="NaCl", space_group="Fm-3m").text()
-        'data_NaCl\\n_space_group_name_H-M_alt Fm-3m'
-        """
-        prompt = cls(formula=tuple(reduced_formula(formula).items()) if formula is not None else (),
-                     space_group=parse_space_group(space_group) if space_group is not None else None,
-                     elements=parse_chemical_system(chemical_system) if chemical_system is not None else (),
-                     property_name=property_name, target=target)
-        if property_name is not None:
-            check_target(property_name, target)  # an unknown property or a bad target fails here
-        if prompt.formula and prompt.elements and {e for e, _ in prompt.formula} != set(prompt.elements):
-            raise CrystaLLMInputError(f"formula {formula!r} is not in the chemical system {chemical_system!r}")
-        return prompt
-
-    def text(self) -> str:
-        """The prompt as the model reads it: the condition, if any, then the text format up to where the model
-        takes over."""
-        text = condition_prefix(self.property_name, self.target) if self.property_name else ""
-        if not self.formula:
-            return text + serialization.DATA_PREFIX
-        text += serialization.DATA_PREFIX + serialization.format_formula(dict(self.formula))
-        text += "\n" + serialization.TAG_SPACE_GROUP
-        if self.space_group:
-            text += " " + symmetry.space_group_symbol(self.space_group)
-        return text
-
-    def describe(self) -> str:
-        """A short human-readable form, for records and errors."""
-        parts = [f"formula {serialization.format_formula(dict(self.formula))}" if self.formula else "",
-                 f"space group {symmetry.space_group_symbol(self.space_group)} ({self.space_group})"
-                 if self.space_group else "", f"chemical system {'-'.join(self.elements)}" if self.elements else "",
-                 f"{self.property_name} {self.target}" if self.property_name else ""]
-        return ", ".join(p for p in parts if p) or "unconditional"
-
-    def grammar(self, tokenizer, max_atoms: int, max_length: int) -> CrystalGrammarLogitsProcessor:
-        """The grammar processor that imposes this prompt; raises CrystaLLMInputError if nothing can satisfy it."""
-        # A formula in the text already fixes the elements; a space group in the text is checked by the grammar.
-        elements = () if self.formula else self.elements
-        space_group = None if self.formula else self.space_group
-        try:
-            processor = CrystalGrammarLogitsProcessor(tokenizer, max_atoms, max_length, space_group, elements)
-        except ValueError as error:
-            raise CrystaLLMInputError(f"impossible prompt ({self.describe()}): {error}") from None
-        state = processor.state_of(tokenizer(self.text())["input_ids"])
-        if state.error:
-            atoms = sum(count for _, count in self.formula)
-            if atoms > processor.formula_limit:
-                reason = (f"{atoms} atoms in the reduced formula; at most {processor.formula_limit} fit "
-                          f"(--max-atoms {max_atoms} and the model's context of {max_length} tokens)")
-            else:
-                reason = f"no conventional cell of at most {max_atoms} atoms in this space group holds it"
-            raise CrystaLLMInputError(f"impossible prompt ({self.describe()}): {reason}")
-        return processor
 
 
 @dataclass
@@ -188,7 +61,7 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
     >>> model.config.model_type, len(tokenizer)
     ('crystallm', 1394)
     """
-    from crystallm.hub import resolve_model_folder
+    from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
     from crystallm.modeling import load_model
     from crystallm.tokenization import CrystaLLMTokenizer
 
@@ -201,7 +74,7 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
 
 def _parse(text: str) -> tuple[Structure | None, str]:
     try:
-        return serialization.parse_structure(text), ""
+        return text_format.parse_structure(text), ""
     except CrystaLLMInputError as error:
         return None, f"{type(error).__name__}: {error}"
 
@@ -216,21 +89,21 @@ def _space_group(structure: Structure | None) -> int | None:
 def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symmetrize: bool,
             generator: torch.Generator) -> None:
     """Refine (the model's continuous head) and symmetrize (spglib) the parsed samples of a batch, in place."""
-    from crystallm.diffusion import refine_texts
+    from crystallm.generation.refinement import refine_texts
 
     parsed = [s for s in samples if s.structure is not None]
     if refine and parsed:
         begun = time.perf_counter()
         crystals = refine_texts(model, tokenizer, [s.text for s in parsed], generator)
         for sample, crystal in zip(parsed, crystals):
-            sample.final_text = serialization.format_crystal_text(crystal)
-            sample.structure = serialization.crystal_text_to_structure(crystal)
+            sample.final_text = text_format.format_crystal_text(crystal)
+            sample.structure = text_format.crystal_text_to_structure(crystal)
             sample.refine_seconds = (time.perf_counter() - begun) / len(parsed)
     if symmetrize:
         for sample in parsed:
             try:
                 sample.structure = symmetry.symmetrize_structure(sample.structure)
-                sample.final_text = serialization.serialize_structure(sample.structure)
+                sample.final_text = text_format.serialize_structure(sample.structure)
             except CrystaLLMInputError:  # no symmetric description: keep the structure as it is
                 pass
     for sample in samples:
@@ -254,16 +127,18 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     Prompts with a property condition need that property's adapter active (`crystallm.adapters.use_adapter`);
     prompts without one run on the base model even when adapters are loaded. `guidance` > 1 is classifier-free
     guidance (HF's `guidance_scale`): the logits are pushed away from those of the unconditional prompt
-    `<prop_i><prop_none>` by that factor (twice the compute).
+    `<prop_i><prop_none>` by that factor (twice the compute). `temperature` 0 is greedy decoding (the most likely
+    token at each step: every sample of one prompt is the same).
 
     >>> model, tokenizer = load_generator()
     >>> samples = list(generate_structures(model, tokenizer, num=2, seed=1))
     >>> [s.error for s in samples], all(s.structure is not None for s in samples)
     (['', ''], True)
     """
+    _check_sampling(batch_size, temperature, top_k, top_p, max_atoms, guidance)
     if prompts is None or isinstance(prompts, Prompt):
-        if num is None:
-            raise ValueError("give num with a single prompt")
+        if num is None or num < 0:
+            raise CrystaLLMInputError(f"num {num}: give how many samples to generate (0 or more) with a single prompt")
         prompts = [prompts or Prompt()] * num
     prompts = list(prompts)
     refine = getattr(model, "refiner", None) is not None if refine is None else refine
@@ -273,7 +148,9 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     max_length = model.config.n_positions
     grammars = {p: p.grammar(tokenizer, max_atoms, max_length) if grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
-    sampling = {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0, "guidance_scale": guidance}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} \
+        if temperature > 0 else {"do_sample": False}
+    sampling["guidance_scale"] = guidance
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
     for first in range(start - start % batch_size, len(prompts), batch_size):
@@ -287,6 +164,20 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                    if first + offset >= start]
         _finish(model, tokenizer, samples, refine, symmetrize, torch.Generator().manual_seed(seed * 1_000_003 + first))
         yield from samples
+
+
+def _check_sampling(batch_size: int, temperature: float, top_k: int | None, top_p: float | None, max_atoms: int,
+                    guidance: float) -> None:
+    """Raise CrystaLLMInputError naming the first sampling setting outside its range."""
+    problems = [(batch_size < 1, f"batch size {batch_size}: at least 1"),
+                (not temperature >= 0, f"temperature {temperature}: 0 (greedy) or more"),
+                (top_k is not None and top_k < 0, f"top-k {top_k}: 0 (off) or more"),
+                (top_p is not None and not 0 < top_p <= 1, f"top-p {top_p}: a probability in (0, 1]"),
+                (max_atoms < 1, f"max atoms {max_atoms}: at least 1"),
+                (not guidance >= 1, f"guidance {guidance}: 1 (none) or more")]
+    for bad, message in problems:
+        if bad:
+            raise CrystaLLMInputError(message)
 
 
 def measure_speed(model, tokenizer, batch_size: int, num: int, repeats: int = 3, **sampling) -> dict:
@@ -321,7 +212,7 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: i
                                "negative_prompt_attention_mask": negative["attention_mask"].to(model.device)}
     torch.manual_seed(seed * 1_000_003 + first)  # seeds the batch by its position: resumable and reproducible
     with torch.no_grad(), autocast:
-        out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length, do_sample=True,
+        out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length,
                              logits_processor=LogitsProcessorList(processors), pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
     generated = out[:, prompt_length:]

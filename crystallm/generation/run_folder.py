@@ -26,9 +26,12 @@ from pathlib import Path
 
 from pymatgen.core import Structure
 
-from crystallm import evaluation, reports, serialization
 from crystallm.errors import CrystaLLMInputError, OutputWriteError
-from crystallm.generation import GeneratedSample, Prompt, generate_structures
+from crystallm.evaluation import readers, reports, scoring
+from crystallm.evaluation.scoring import ScoredStructure
+from crystallm.generation.prompt import Prompt
+from crystallm.generation.sampling import GeneratedSample, generate_structures
+from crystallm.io import cif
 
 CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "space_group", "parsed",
                "structural_valid", "compositional_valid", "valid", "p1", "formula_consistent", "tokens", "seconds",
@@ -117,9 +120,8 @@ class GenerationFolder:
                                    f"again with --resume") from error
 
     def _append_outputs(self, entries: list[dict]) -> None:
-        records = [evaluation.score_entry(evaluation.Entry(e["name"], "text", e["text"])) for e in entries]
-        parsed = [(e, r) for e, r in zip(entries, records) if not r["error"]]
-        structures = {e["name"]: Structure.from_dict(r["structure"]) for e, r in parsed}
+        records = [scoring.score_entry(readers.Entry(e["name"], "text", e["text"])) for e in entries]
+        structures = {e["name"]: r.structure for e, r in zip(entries, records) if not r.error}
         _append_copy(self.directory / "cifs.zip", lambda path: _add_cifs(path, structures))
         _append_copy(self.directory / "structures.extxyz", lambda path: _add_frames(path, structures))
         _append_copy(self.directory / "summary.csv", lambda path: _add_rows(path, entries, records))
@@ -129,9 +131,8 @@ class GenerationFolder:
 
     def valid_structures(self) -> list[tuple[str, Structure]]:
         """(name, structure) of the samples on disk that are structurally valid (the ones worth relaxing)."""
-        return [(entry["name"], Structure.from_dict(record["structure"]))
-                for entry, record in zip(self.entries, self.records)
-                if not record["error"] and record["structural_valid"]]
+        return [(entry["name"], record.structure) for entry, record in zip(self.entries, self.records)
+                if not record.error and record.structural_valid]
 
     def finish(self) -> dict:
         """The complete summary (uniqueness included), written to summary.json and returned."""
@@ -140,8 +141,8 @@ class GenerationFolder:
         return summary
 
     def summary(self, uniqueness: bool = True) -> dict:
-        """Counts and rates of the samples so far (`evaluation.summarize`) and generation speed."""
-        summary = evaluation.summarize(self.records, uniqueness=uniqueness)
+        """Counts and rates of the samples so far (`scoring.summarize`) and generation speed."""
+        summary = scoring.summarize(self.records, uniqueness=uniqueness)
         seconds = sum(e["seconds"] for e in self.entries)
         tokens = sum(e["tokens"] for e in self.entries)
         summary["requested"] = self.settings.get("num")
@@ -155,19 +156,19 @@ class GenerationFolder:
         return summary
 
 
-def _csv_row(entry: dict, record: dict) -> dict:
-    parsed = not record["error"]
-    return {"name": entry["name"], "prompt": entry["prompt"], "formula": record.get("formula", ""),
-            "n_atoms": record.get("n_atoms", ""), "stated_space_group": record.get("stated_space_group", ""),
-            "space_group": record.get("space_group_0_1", ""), "parsed": parsed,
-            "structural_valid": record.get("structural_valid", False),
-            "compositional_valid": record.get("compositional_valid", False), "valid": record.get("valid", False),
-            "p1": record.get("space_group_0_1") == 1 if parsed else "",
-            "formula_consistent": record.get("formula_consistent", ""), "tokens": entry["tokens"],
-            "seconds": round(entry["seconds"], 4), "error": record["error"]}
+def _csv_row(entry: dict, record: ScoredStructure) -> dict:
+    parsed = not record.error
+    blank = lambda value: "" if value is None or not parsed else value  # noqa: E731  (an unscored row is empty)
+    return {"name": entry["name"], "prompt": entry["prompt"], "formula": record.formula,
+            "n_atoms": blank(record.n_atoms), "stated_space_group": blank(record.stated_space_group),
+            "space_group": blank(record.space_group_0_1), "parsed": parsed,
+            "structural_valid": record.structural_valid, "compositional_valid": record.compositional_valid,
+            "valid": record.valid, "p1": record.space_group_0_1 == 1 if parsed else "",
+            "formula_consistent": blank(record.formula_consistent), "tokens": entry["tokens"],
+            "seconds": round(entry["seconds"], 4), "error": record.error}
 
 
-def _add_rows(path: Path, entries: list[dict], records: list[dict]) -> None:
+def _add_rows(path: Path, entries: list[dict], records: list[ScoredStructure]) -> None:
     new = not path.exists() or not path.stat().st_size
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_COLUMNS)
@@ -181,7 +182,7 @@ def _add_cifs(path: Path, structures: dict) -> None:
         for name, structure in structures.items():
             # P1 CIFs: pymatgen's symmetrized writer costs ~26 ms a structure (more than generating it); the
             # detected space group is in summary.csv, and `crystallm to-cif` writes a symmetrized CIF.
-            archive.writestr(f"{name}.cif", serialization.structure_to_cif(structure, symprec=None))
+            archive.writestr(f"{name}.cif", cif.structure_to_cif(structure, symprec=None))
 
 
 def _add_frames(path: Path, structures: dict) -> None:

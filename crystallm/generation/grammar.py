@@ -19,7 +19,8 @@ from typing import Iterable
 import torch
 from transformers import LogitsProcessor
 
-from crystallm import serialization, symmetry
+from crystallm import symmetry
+from crystallm.io import text_format
 from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
 MAX_ELEMENTS = 8
@@ -106,7 +107,7 @@ def _feasible(space_group: int, remaining: tuple[int, ...], used_fixed: frozense
 @lru_cache(maxsize=100_000)
 def _formula_units(space_group: int, counts: tuple[int, ...], limit: int, row_budget: int) -> tuple[int, ...]:
     """Values of Z for which the group can place Z times each count, within `limit` atoms and `row_budget` rows."""
-    largest = min(serialization.MAX_FORMULA_UNITS, limit // sum(counts))
+    largest = min(text_format.MAX_FORMULA_UNITS, limit // sum(counts))
     single = _single_reachable(space_group, limit)
     return tuple(z for z in range(1, largest + 1)
                  if all(z * c in single for c in counts) and _max_rows(space_group, z * sum(counts)) <= row_budget
@@ -143,25 +144,25 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         vocab = tokenizer.get_vocab()
         self.id_of = vocab
         self.token_of = {i: t for t, i in vocab.items()}
-        symbols = serialization.element_symbols()
+        symbols = text_format.element_symbols()
         self.formula_elements = {vocab[s]: s for s in symbols}
         self.row_elements = {vocab["\n" + s]: s for s in symbols}
         self.counts = {vocab[str(n)]: n for n in range(2, 10)} | {vocab[f"{n:02d}"]: n for n in range(10, 100)}
         self.groups = {vocab[" " + symmetry.space_group_symbol(n)]: n for n in range(1, 231)}
         self.group_ids = [vocab[" " + symmetry.space_group_symbol(n)] for n in range(1, 231)]
-        self.units = {vocab[f" {z}"]: z for z in range(1, serialization.MAX_FORMULA_UNITS + 1)}
-        self.integer_parts = {vocab[f" {k}."]: k for k in range(1, int(serialization.MAX_LENGTH))}
+        self.units = {vocab[f" {z}"]: z for z in range(1, text_format.MAX_FORMULA_UNITS + 1)}
+        self.integer_parts = {vocab[f" {k}."]: k for k in range(1, int(text_format.MAX_LENGTH))}
         self.coordinate_firsts = [vocab[f" 0.{k:02d}"] for k in range(100)]
         self.decimal_pairs = [vocab[f"{k:02d}"] for k in range(100)]
         self.decimal_values = {vocab[f"{k:02d}"]: k / 100 for k in range(100)}
         self.wyckoff_ids = {vocab[t]: t[1:] for t in vocab if t.startswith(" ") and t[1:-1].isdigit()
                             and t[-1].isalpha()}
-        self.fixed = vocab[" " + serialization.FIXED_COORDINATE]
-        self.tags = {name: vocab["\n" + name] for name in (serialization.TAG_SPACE_GROUP,
-                                                           serialization.TAG_FORMULA_UNITS,
-                                                           *serialization.LATTICE_TAGS)}
-        self.data = vocab[serialization.DATA_PREFIX]
-        self.loop = vocab["\n" + serialization.LOOP_HEADER]
+        self.fixed = vocab[" " + text_format.FIXED_COORDINATE]
+        self.tags = {name: vocab["\n" + name] for name in (text_format.TAG_SPACE_GROUP,
+                                                           text_format.TAG_FORMULA_UNITS,
+                                                           *text_format.LATTICE_TAGS)}
+        self.data = vocab[text_format.DATA_PREFIX]
+        self.loop = vocab["\n" + text_format.LOOP_HEADER]
         # Padding, <bos> and a property condition before the text (crystallm.conditioning) are not the text's.
         self.skip = {tokenizer.pad_token_id, tokenizer.bos_token_id,
                      *tokenizer.convert_tokens_to_ids([NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])}
@@ -198,7 +199,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             state.formula_units = self.units[token]
             state.remaining = {e: c * state.formula_units for e, c in state.formula.items()}
             system = symmetry.crystal_system(state.space_group)
-            state.lattice_left = list(serialization.FREE_LATTICE_PARAMETERS[system])
+            state.lattice_left = list(text_format.FREE_LATTICE_PARAMETERS[system])
             state.stage, state.lattice_part = "lattice", 0
         elif state.stage == "lattice":
             index = state.lattice_left[0]
@@ -265,14 +266,14 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             # Only an imposed group is listed here; otherwise __call__ asks _likely_groups, which needs the scores.
             return [self.group_ids[self.space_group - 1]] if self.space_group else []
         if stage == "units_tag":
-            return [self.tags[serialization.TAG_FORMULA_UNITS]]
+            return [self.tags[text_format.TAG_FORMULA_UNITS]]
         if stage == "units":
             return [self.id_of[f" {z}"] for z in self._units_for(state.formula, state.space_group)]
         if stage == "lattice":
             index = state.lattice_left[0]
             if state.lattice_part == 0:
-                return [self.tags[serialization.LATTICE_TAGS[index]]]
-            low, high = (serialization.MIN_LENGTH, serialization.MAX_LENGTH) if index < 3 else (1, 180)
+                return [self.tags[text_format.LATTICE_TAGS[index]]]
+            low, high = (text_format.MIN_LENGTH, text_format.MAX_LENGTH) if index < 3 else (1, 180)
             if index >= 3 and state.space_group <= 2:
                 low, high = self._triclinic_angle_range(state, index)
             if state.lattice_part == 1:
@@ -333,7 +334,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                 allowed += [i for i, e in self.formula_elements.items() if e not in state.formula]
         if state.formula:
             if not missing:
-                allowed.append(self.tags[serialization.TAG_SPACE_GROUP])
+                allowed.append(self.tags[text_format.TAG_SPACE_GROUP])
             if not state.counted:
                 rest = counts[:-1] + (1,) * len(missing)
                 allowed += [i for i, n in self.counts.items() if self._closable(rest + (n,))]

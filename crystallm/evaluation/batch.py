@@ -1,0 +1,152 @@
+"""Batch evaluation (DESIGN.md section 5): read any collection, score each structure in worker processes,
+then the set-level metrics, with novelty against a reference, distribution distances and coverage against a test
+set, CSP match rates and CHGNet stability where asked. `crystallm evaluate` and the eval/ stages call `evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+from crystallm.errors import CrystaLLMInputError
+from crystallm.evaluation import distribution, reports
+from crystallm.evaluation.csp import CSPTask, evaluate_csp, read_ids
+from crystallm.evaluation.readers import iter_entries
+from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
+from crystallm.evaluation.scoring import ScoredStructure, score_entries, summarize
+
+# CDVAE's coverage cutoffs per dataset; MPTS-52 has none of its own, so it uses MP-20's.
+COVERAGE_CUTOFFS = {"perov-5": {"structure": 0.2, "composition": 4.0},
+                    "carbon-24": {"structure": 0.2, "composition": 4.0}}
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityTask:
+    """Relax every structurally valid structure with CHGNet under `settings` and place it on the approximate
+    hull; results go to the JSON-lines `cache` as they come (default: `default_stability_cache(source)`), and a
+    run resumes from it."""
+
+    settings: RelaxationSettings = RelaxationSettings()
+    cache: str | Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationOptions:
+    """How `evaluate` runs: `coverage` (COV-R/COV-P: CrystalNN fingerprints, slower), `bond_lengths`
+    (CrystaLLM's bond-length reasonableness), `ids` (only the entries of these names, e.g. a fixed subset of a
+    split), `limit` (only the first entries), `num_proc` (worker processes; default all cores), `progress`,
+    `records_path` (each structure's record as a JSON line, written as it is scored) and `plots` (a folder for
+    PNG plots)."""
+
+    coverage: bool = False
+    bond_lengths: bool = False
+    ids: tuple[str, ...] | None = None
+    limit: int | None = None
+    num_proc: int | None = None
+    progress: bool = True
+    records_path: str | Path | None = None
+    plots: str | Path | None = None
+
+
+def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: CSPTask | None = None,
+             stability: StabilityTask | None = None, options: EvaluationOptions = EvaluationOptions()) -> dict:
+    """Evaluate a collection (see `readers.iter_entries`) and return the summary: validity, symmetry,
+    uniqueness; novelty against `reference` (the training set); Wasserstein distances and coverage against
+    `test`; CSP match rates (`csp`); stability, and S.U.N. with a `reference` (`stability`). Files in a zip or
+    folder that are not structure files are listed under `skipped`; a collection with no structure at all
+    raises CrystaLLMInputError.
+
+    >>> summary = evaluate("mp20-bt/test", options=EvaluationOptions(limit=5, num_proc=1, progress=False))
+    >>> summary["entries"], summary["validity"]["structural"]
+    (5, 1.0)
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    skipped: list[str] = []
+    entries = iter_entries(source, skipped)
+    if options.ids is not None:
+        wanted = set(options.ids)
+        entries = (entry for entry in entries if entry.name in wanted)
+    if options.limit:
+        entries = itertools.islice(entries, options.limit)
+    records = []
+    with open(options.records_path, "w") if options.records_path else contextlib.nullcontext() as handle:
+        for record in tqdm(score_entries(entries, fingerprints=options.coverage, bond_lengths=options.bond_lengths,
+                                         num_proc=options.num_proc), desc="scoring", unit=" structures",
+                           disable=not options.progress):
+            records.append(record)
+            if handle:
+                handle.write(json.dumps(record.to_dict()) + "\n")
+    if not records:
+        found = f"; skipped {len(skipped)} files that are not structure files ({', '.join(skipped[:3])})" \
+            if skipped else ""
+        raise CrystaLLMInputError(f"{source}: no structures found (expected CIFs, crystallm texts, extxyz frames "
+                                  f"or CSV rows){found}")
+    # A collection named twice (the test split as input, --test and --csp) is scored once.
+    scored = {str(source): [r for r in records if not r.error]} if not options.limit and options.ids is None else {}
+
+    def collection(name: str, fingerprints: bool = False) -> list[ScoredStructure]:
+        if str(name) not in scored:
+            scored[str(name)] = [r for r in score_entries(iter_entries(name), fingerprints=fingerprints,
+                                                          num_proc=options.num_proc) if not r.error]
+        return scored[str(name)]
+
+    reference_records = collection(reference) if reference else None
+    test_records = collection(test, options.coverage) if test else None
+    benchmark = str(test or "").partition("/")[0]
+    summary = summarize(records, reference_records, test_records,
+                        COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS))
+    if skipped:
+        summary["skipped"] = {"files": len(skipped), "names": skipped}
+    if csp:
+        targets = collection(csp.targets)
+        if csp.ids_file:
+            wanted = read_ids(csp.ids_file)
+            by_name = {t.name: t for t in targets}
+            missing = [name for name in wanted if name not in by_name]
+            if missing:
+                raise CrystaLLMInputError(f"{csp.ids_file}: {len(missing)} ids are not in {csp.targets}, "
+                                          f"e.g. {missing[:3]}")
+            targets = [by_name[name] for name in wanted]
+        summary["csp"] = evaluate_csp(records, targets, csp.attempts, csp.energies)
+        summary["csp_targets"] = f"{csp.targets}" + (f" ({csp.ids_file}, {len(targets)} ids)" if csp.ids_file else "")
+    if stability:
+        summary["stability"] = _evaluate_stability(records, stability.settings, stability.cache or
+                                                   default_stability_cache(source), options.num_proc,
+                                                   options.progress, with_novelty=reference is not None)
+    summary.update(input=str(source), reference=reference, test=test)
+    summary["seconds"] = time.perf_counter() - start
+    summary["structures_per_second"] = len(records) / summary["seconds"]
+    if options.plots:
+        reports.write_plots(records, test_records or reference_records, options.plots)
+    return summary
+
+
+def default_stability_cache(source: str | Path) -> Path:
+    """Where `evaluate` keeps relaxation results: `stability.jsonl` inside a folder, `<file>.stability.jsonl`
+    beside a file, `stability-<split>.jsonl` here for a benchmark split.
+
+    >>> str(default_stability_cache("mp20-bt/test")), str(default_stability_cache("examples"))
+    ('stability-mp20-bt-test.jsonl', 'examples/stability.jsonl')
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path / "stability.jsonl"
+    if path.exists():
+        return path.with_name(path.name + ".stability.jsonl")
+    return Path(f"stability-{str(source).replace('/', '-')}.jsonl")
+
+
+def _evaluate_stability(records: list[ScoredStructure], settings: RelaxationSettings, cache: str | Path,
+                        num_proc: int | None, progress: bool, with_novelty: bool) -> dict:
+    candidates = [(r.name, r.structure) for r in records if not r.error and r.structural_valid]
+    results = stability_records(candidates, cache, settings, num_proc=num_proc, progress=progress)
+    flags = {key: {r.name: bool(getattr(r, key)) for r in records} for key in ("unique", "novel")}
+    summary = summarize_stability(results, len(records), flags["unique"] if with_novelty else None,
+                                  flags["novel"] if with_novelty else None)
+    return summary | {"cache": str(cache), "settings": dataclasses.asdict(settings)}

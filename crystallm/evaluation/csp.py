@@ -1,0 +1,62 @@
+"""Crystal structure prediction (DESIGN.md section 5, CSP): predictions named '<id>' or '<id>__<attempt>' are
+matched against their targets with StructureMatcher; match rate and mean RMS at n attempts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymatgen.core import Structure
+
+from crystallm.evaluation import matching
+from crystallm.evaluation.scoring import ScoredStructure
+
+
+@dataclass(frozen=True)
+class CSPTask:
+    """What `evaluate` matches predictions against: the targets (a split such as `mp20-bt/test`, or any
+    collection), optionally only the ids listed in `ids_file` (`../shared/benchmarks/*.txt`), at each n of
+    `attempts`; `energies` (entry name -> relaxed energy per atom) adds `ranked n=1` (see `evaluate_csp`)."""
+
+    targets: str
+    ids_file: str | Path | None = None
+    attempts: tuple[int, ...] = (1, 20)
+    energies: dict[str, float] | None = None
+
+
+def csp_targets(name: str) -> str:
+    """The target id of a CSP prediction named '<id>' or '<id>__<attempt>' (e.g. 'mp-1234__3').
+
+    >>> csp_targets("mp-1234__3"), csp_targets("mp-1234")
+    ('mp-1234', 'mp-1234')
+    """
+    return name.split("__")[0]
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Ids of a fixed benchmark subset, one a line (`../shared/benchmarks/*.txt`)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure], attempts: tuple[int, ...] = (1, 20),
+                 energies: dict[str, float] | None = None) -> dict:
+    """CSP match rate and mean RMS at each n in `attempts`. Predictions are grouped by target id (entry names
+    '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched. With `energies`
+    (entry name -> relaxed energy per atom), `ranked n=1` is the match rate of each target's lowest-energy
+    prediction: what a user who takes the first of the ranked attempts gets (no energy: ranked last)."""
+    predictions: dict[str, list[tuple[str, Structure | None]]] = {}
+    for r in records:
+        predictions.setdefault(csp_targets(r.name), []).append((r.name, None if r.error else r.structure))
+    target_structures = [t.structure for t in targets]
+    groups = [predictions.get(t.name, []) for t in targets]
+    orders = {f"n={n}": ([[s for _, s in group] for group in groups], n) for n in attempts}
+    if energies is not None:
+        orders["ranked n=1"] = ([[s for _, s in sorted(group, key=lambda p: energies.get(p[0], math.inf))]
+                                 for group in groups], 1)
+    results = {}
+    for key, (candidates, n) in orders.items():
+        result, _ = matching.csp_match(target_structures, candidates, n)
+        results[key] = {"match_rate": result.match_rate, "mean_rms": result.mean_rms,
+                        "matched": result.matched, "targets": result.targets}
+    return results

@@ -1,0 +1,58 @@
+"""CIF in and out: read a CIF into an ordered pymatgen `Structure` with errors that name the input, and write
+a standard CIF that VESTA, ASE and pymatgen read."""
+
+from __future__ import annotations
+
+import warnings
+
+from pymatgen.core import Element, Lattice, Structure  # noqa: F401  (Lattice: the docstring examples)
+
+from crystallm import symmetry
+from crystallm.errors import MalformedCIFError
+
+
+def is_chemical_element(specie) -> bool:
+    """True for an Element or an ionic Species of one; False for dummy species such as 'X0+'."""
+    return Element.is_valid_symbol(getattr(specie, "symbol", ""))
+
+
+def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
+    """Read a CIF (text) into an ordered structure, with errors that name the input and the problem.
+
+    >>> s = structure_from_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]).to(fmt="cif"))
+    >>> s.composition.reduced_formula
+    'CsCl'
+    """
+    from pymatgen.io.cif import CifParser
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            structures = CifParser.from_str(cif).parse_structures(primitive=False)
+        except Exception as error:  # pymatgen raises ValueError, KeyError, IndexError... for bad CIFs
+            problems = "; ".join(str(w.message) for w in caught) or str(error)
+            raise MalformedCIFError(f"{name}: not a readable CIF ({problems})") from error
+    if not structures:
+        raise MalformedCIFError(f"{name}: the CIF holds no structure")
+    structure = structures[0]
+    for index, site in enumerate(structure):
+        for specie in site.species:
+            if not is_chemical_element(specie):
+                raise MalformedCIFError(f"{name}: site {index} holds {specie!s}, which is not a known element")
+    return structure
+
+
+def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFAULT_SYMPREC) -> str:
+    """A standard CIF that other programs (VESTA, ASE, pymatgen) read, with symmetry where found.
+
+    >>> "_symmetry_space_group_name_H-M" in structure_to_cif(Structure(Lattice.cubic(4.2), ["Cs", "Cl"],
+    ...     [[0, 0, 0], [.5, .5, .5]]))
+    True
+    """
+    from pymatgen.io.cif import CifWriter
+    from pymatgen.symmetry.analyzer import SymmetryUndeterminedError
+
+    try:
+        return str(CifWriter(structure, symprec=symprec, angle_tolerance=symmetry.DEFAULT_ANGLE_TOLERANCE))
+    except SymmetryUndeterminedError:  # spglib finds no group (e.g. overlapping atoms): write it as P1
+        return str(CifWriter(structure))

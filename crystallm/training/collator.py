@@ -1,0 +1,84 @@
+"""What every training loop shares: the batch collator of the pretraining objectives, the length-grouped batch
+order that resumes exactly, and the held-out split."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from crystallm.io import text_format
+from crystallm.tokenization import encode_texts, row_element_token_ids
+
+
+@dataclass
+class PretrainingCollator:
+    """Texts -> the keyword arguments of `CrystaLLMForCausalLM.forward` that compute the enabled objectives'
+    losses (`model(**collator(texts)).loss`).
+
+    Masked-atom inputs replace each atom-site element token with `<mask>` with `mask_probability` (at least one
+    per sequence); the contrastive view is the same crystal with its site rows shuffled.
+    """
+
+    tokenizer: object
+    max_length: int = 512
+    mask_probability: float = 0.3
+    masked_atom: bool = True
+    contrastive: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        self.element_ids = torch.tensor(sorted(set(row_element_token_ids(self.tokenizer))))
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, zlib.crc32("\x00".join(texts).encode())])
+        batch = encode_texts(self.tokenizer, texts, self.max_length)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
+        if self.masked_atom:
+            is_element = torch.isin(input_ids, self.element_ids)
+            draw = torch.from_numpy(rng.random(input_ids.shape)) < self.mask_probability
+            for row in range(input_ids.shape[0]):  # at least one masked element per sequence
+                positions = is_element[row].nonzero().flatten()
+                if len(positions) and not (draw[row] & is_element[row]).any():
+                    draw[row, positions[rng.integers(len(positions))]] = True
+            selected = is_element & draw
+            result["masked_input_ids"] = input_ids.masked_fill(selected, self.tokenizer.mask_token_id)
+            result["masked_labels"] = input_ids.masked_fill(~selected, -100)
+        if self.contrastive:
+            view = encode_texts(self.tokenizer, [text_format.shuffle_sites(text, rng) for text in texts], self.max_length)
+            result["view_input_ids"], result["view_attention_mask"] = view["input_ids"], view["attention_mask"]
+        return result
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  group: int = 50) -> list[np.ndarray]:
+    """This process's batches of row indices for an epoch. Rows are shuffled (seeded by seed and epoch), sorted by
+    length within runs of `group` batches so that a batch holds rows of similar length (little padding), cut into
+    batches (the last incomplete one dropped), and the batches shuffled and dealt to the processes in turn.
+
+    >>> [b.tolist() for b in epoch_batches(np.array([5, 1, 5, 1, 5, 1]), 2, epoch=0, seed=0)]
+    [[3, 5], [1, 2], [4, 0]]
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    span = batch_size * group
+    order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                            for chunk in np.split(order, range(span, len(order), span))]) if len(order) else order
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches[rank::world]
+
+
+def held_out_split(texts: list[str], seed: int, rows: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): `rows` texts drawn by `seed` are held out, the same for every loop that
+    uses the same seed (the refinement head is judged on rows its base model never trained on).
+
+    >>> held_out_split(["a", "b", "c", "d"], seed=0, rows=1)
+    (['a', 'b', 'd'], ['c'])
+    """
+    holdout = np.random.default_rng(seed).permutation(len(texts))[:rows]
+    held = set(holdout.tolist())
+    return [text for i, text in enumerate(texts) if i not in held], [texts[i] for i in holdout]

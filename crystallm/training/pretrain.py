@@ -1,0 +1,161 @@
+"""Pretraining: a nanoGPT-style loop on accelerate over the objectives the model's config enables.
+
+Every training loop of crystallm (this one, `crystallm.training.refiner`, `crystallm.training.adapter`) follows
+one convention: an `Accelerator` (bf16 autocast by default), `accelerator.prepare` for the trained module and its
+optimizer, the loss from the model's `forward`, `accelerator.backward`, logs written by the main process.
+
+The loop runs unchanged on CPU, one GPU or several (`accelerate launch`): bf16 autocast where available,
+gradient accumulation, cosine schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly
+(the batch order of each epoch and every random draw of the collator depend only on the seed, the epoch and the
+batch's content, so a resumed run sees the same batches and masks as an uninterrupted one). The log is JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from crystallm.modeling import CrystaLLMOutput
+from crystallm.training.collator import PretrainingCollator, epoch_batches, held_out_split
+
+
+def _losses(output: CrystaLLMOutput) -> dict[str, torch.Tensor]:
+    """The losses of a forward pass by name, as the log writes them (loss, clm, masked_atom, contrastive)."""
+    named = {"loss": output.loss, "clm": output.clm_loss, "masked_atom": output.masked_atom_loss,
+             "contrastive": output.contrastive_loss}
+    return {name: value for name, value in named.items() if value is not None}
+
+
+def pretrain(config: dict) -> Path:
+    """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
+    `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit).
+
+    Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
+    line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations;
+    held-out losses every `eval_every` steps) and `train_state.json`.
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from crystallm import data
+    from crystallm.configuration import CrystaLLMConfig
+    from crystallm.modeling import CrystaLLMForCausalLM
+    from crystallm.tokenization import CrystaLLMTokenizer
+
+    out = Path(config["output_dir"])
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "bf16"),
+                              gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)))
+    tokenizer = CrystaLLMTokenizer.from_format()
+    texts = data.load_texts(config["corpus"])["text"]
+    if config.get("max_rows"):
+        texts = texts[: int(config["max_rows"])]
+    train_texts, eval_texts = held_out_split(texts, seed, int(config.get("eval_rows", 512)))
+
+    model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **config["model"])
+    model_config._attn_implementation = "sdpa"
+    model = CrystaLLMForCausalLM(model_config)
+    collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
+                                   mask_probability=model_config.mask_probability,
+                                   masked_atom=bool(model_config.masked_atom_weight),
+                                   contrastive=bool(model_config.contrastive_weight), seed=seed)
+    batch_size = int(config["batch_size"])
+    lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
+    steps_per_epoch = len(epoch_batches(lengths, batch_size, 0, seed, accelerator.process_index,
+                                        accelerator.num_processes)) // accelerator.gradient_accumulation_steps
+    max_steps = int(config["max_steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["learning_rate"]),
+                                  weight_decay=float(config.get("weight_decay", 0.1)), betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.get("warmup_steps", 0)), max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state_path, checkpoint = out / "train_state.json", out / "checkpoint"
+    step, tokens_before, seconds_before = 0, 0, 0.0  # totals of earlier invocations, for the model card
+    if checkpoint.exists() and state_path.exists():
+        accelerator.load_state(str(checkpoint))
+        saved = json.loads(state_path.read_text())
+        step, tokens_before, seconds_before = saved["step"], saved["tokens_seen"], saved["train_seconds"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if step == 0 and log_path.exists():
+        log_path.unlink()
+    started, tokens, stop_here = time.perf_counter(), 0, False
+    progress = tqdm(total=max_steps, initial=step, desc="pretraining", unit=" steps",
+                    disable=not accelerator.is_main_process or not config.get("progress", True))
+    model.train()
+    while step < max_steps and not stop_here:
+        epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
+        batches = epoch_batches(lengths, batch_size, epoch, seed, accelerator.process_index,
+                                accelerator.num_processes)
+        micro = accelerator.gradient_accumulation_steps
+        for index in range(in_epoch * micro, min(len(batches), steps_per_epoch * micro)):
+            batch = {k: v.to(accelerator.device) for k, v in collator([train_texts[i] for i in batches[index]]).items()}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    losses = _losses(model(**batch))
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            elapsed = time.perf_counter() - started
+            row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                   **{f"train_{k}": float(v.detach()) for k, v in losses.items()},
+                   "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens,
+                   "train_seconds": seconds_before + elapsed}
+            if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
+                row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['train_loss']:.3f}", tokens_per_s=f"{row['tokens_per_s']:.0f}")
+            if accelerator.is_main_process:
+                with open(log_path, "a") as log:
+                    log.write(json.dumps(row) + "\n")
+            stop_here = step == int(config.get("stop_at_step") or -1)  # end this invocation early, resumable
+            if step % int(config.get("save_every", 200)) == 0 or step == max_steps or stop_here:
+                accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:
+                    state_path.write_text(json.dumps({key: row[key] for key in
+                                                      ("step", "tokens_seen", "train_seconds")}))
+            if step >= max_steps or stop_here:
+                break
+        if stop_here:
+            progress.close()
+            accelerator.print(f"stopped at step {step} (stop_at_step); run again to resume")
+            return out
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def evaluate_losses(accelerator, model, collator: PretrainingCollator, texts: list[str],
+                    batch_size: int) -> dict[str, float]:
+    """Mean held-out losses of each objective."""
+    model.eval()
+    totals: dict[str, list[float]] = {}
+    for start in range(0, len(texts) - batch_size + 1, batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collator(texts[start:start + batch_size]).items()}
+        with accelerator.autocast():
+            losses = _losses(model(**batch))
+        for name, value in losses.items():
+            totals.setdefault(f"eval_{name}", []).append(float(value))
+    model.train()
+    return {name: float(np.mean(values)) if values else math.nan for name, values in totals.items()}
+
+
