@@ -75,3 +75,13 @@ def model_with_adapters(tmp_path_factory):
                        "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
                        "max_steps": 3, "rank": 4})
     return base
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test's training loop sets up accelerate as a fresh process would (its state is a process singleton)."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
