@@ -36,7 +36,7 @@ from crystallm.generation.prompt import Prompt, parse_chemical_system
 from crystallm.generation.run_folder import GenerationFolder, generate_into
 from crystallm.io import cif, text_format
 from crystallm.model_folder import TRAINING_CORPUS, loaded_from
-from crystallm.properties.surrogates import PREDICTOR_FILE, load_surrogate
+from crystallm.properties.surrogates import load_surrogate
 
 DEFAULT_TOLERANCES = {"band_gap": 0.5, "formation_energy_per_atom": 0.25, "e_above_hull": 0.05,
                       "bulk_modulus": 20.0, "shear_modulus": 15.0}  # the conditional benchmark's, where it has one
@@ -124,9 +124,7 @@ def plan_design(model_folder: Path, targets: list[str], elements: str | None = N
         if target.property_name not in adapters:
             raise CrystaLLMInputError(f"no adapter for {target.property_name} beside the model in {model_folder}; "
                                       f"available: {', '.join(adapters) or 'none'}")
-        if not (model_folder / "surrogates" / target.property_name / PREDICTOR_FILE).exists():
-            raise CrystaLLMInputError(f"no surrogate predictor for {target.property_name} in {model_folder}/"
-                                      f"surrogates (fit one with train/surrogate.py)")
+        load_surrogate(model_folder / "surrogates" / target.property_name)  # missing, a pickle, unsafe: refused now
     if not (model_folder / TRAINING_CORPUS).exists():
         raise CrystaLLMInputError(f"no novelty reference in {model_folder}: {TRAINING_CORPUS} (the texts the model "
                                   f"was trained on) is missing; copy the corpus there (train/export_model.py does)")

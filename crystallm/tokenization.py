@@ -41,7 +41,7 @@ def encode_texts(tokenizer, texts: list[str], max_length: int):
 
     >>> batch = encode_texts(CrystaLLMTokenizer.from_format(), ["data_NaCl", "data_Si"], 16)
     >>> batch["input_ids"].shape, batch["attention_mask"].sum(1).tolist()
-    (torch.Size([2, 4]), [4, 3])
+    (torch.Size([2, 5]), [5, 4])
     """
     return tokenizer([text + tokenizer.eos_token for text in texts], padding=True, truncation=True,
                      max_length=max_length, return_tensors="pt", padding_side="right")

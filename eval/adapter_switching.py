@@ -14,7 +14,7 @@ from pathlib import Path
 
 from crystallm.adapters import ADAPTERS_FOLDER, use_adapter
 from crystallm.generation.sampling import load_generator
-from crystallm.model_folder import model_folder
+from crystallm.model_folder import resolve_model_folder
 from crystallm.stage_config import read_stage_config
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         assert model.get_base_model() is base  # one base model under both adapters
         runs.append({"load_base_model": load_base, "load_first_adapter": load_first,
                      "load_second_adapter": load_second, "switch_adapter": switch})
-    folder = model_folder(model) / ADAPTERS_FOLDER
+    folder = resolve_model_folder(model) / ADAPTERS_FOLDER
     result = {"runs": runs, "median_seconds": {key: statistics.median(run[key] for run in runs) for key in runs[0]},
               "adapter_bytes": {name: sum(f.stat().st_size for f in (folder / name).iterdir())
                                 for name in (first, second)}}

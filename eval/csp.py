@@ -42,9 +42,9 @@ def main() -> None:
         ranking = rank_by_energy([(name, s) for name, s in folder.valid_structures() if name in wanted],
                                  out / "stability.jsonl", RelaxationSettings(**config.get("relaxation", {})))
         energies = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
-    summary = batch.evaluate(out / "generated", csp=config["targets"], csp_ids=ids_file,
-                                  attempts=tuple(sorted({1, attempts})), records_path=out / "records.jsonl",
-                                  csp_energies=energies)
+    task = csp.CSPTask(config["targets"], ids_file, tuple(sorted({1, attempts})), energies)
+    options = batch.EvaluationOptions(records_path=out / "records.jsonl")
+    summary = batch.evaluate(out / "generated", csp=task, options=options)
     summary["generation"] = generation["generation"]
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")

@@ -7,15 +7,19 @@ Writes `<output_dir>/summary.json`, `summary.md`, `records.jsonl` (one line per 
 
 from pathlib import Path
 
-from crystallm.evaluation import batch, reports
+from crystallm.evaluation import CSPTask, EvaluationOptions, batch, reports
 from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config.pop("output_dir"))
-    summary = batch.evaluate(config.pop("input"), plots=out / "plots", records_path=out / "records.jsonl",
-                                  **config)
+    csp = CSPTask(config["csp"], config.get("csp_ids"), tuple(config.get("attempts", (1, 20)))) if config.get(
+        "csp") else None
+    options = EvaluationOptions(coverage=config.get("coverage", False), plots=out / "plots",
+                                records_path=out / "records.jsonl")
+    summary = batch.evaluate(config["input"], reference=config.get("reference"), test=config.get("test"), csp=csp,
+                             options=options)
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")
     print(reports.markdown_table(summary))

@@ -9,8 +9,6 @@ import statistics
 import time
 from pathlib import Path
 
-from pymatgen.core import Structure
-
 from crystallm.evaluation import readers, scoring
 from crystallm.evaluation.relaxation import relax_structures
 from crystallm.stage_config import read_stage_config
@@ -19,14 +17,14 @@ from crystallm.stage_config import read_stage_config
 def main() -> None:
     config = read_stage_config(__doc__)
     summary = {"steps": config["steps"], "fmax": config["fmax"], "limit": config["limit"], "runs": {}}
-    scored = {label: {r["name"]: r for r in scoring.score_entries(readers.iter_entries(folder), num_proc=1)}
+    scored = {label: {r.name: r for r in scoring.score_entries(readers.iter_entries(folder), num_proc=1)}
               for label, folder in config["inputs"].items()}
     # The same samples in every run: the first `limit` names structurally valid in all of them.
     names = [name for name in next(iter(scored.values()))
-             if all(not s.get(name, {"error": "missing"})["error"] and s[name]["structural_valid"]
-                    for s in scored.values())][: int(config["limit"])]
+             if all(name in s and not s[name].error and s[name].structural_valid for s in scored.values())]
+    names = names[: int(config["limit"])]
     for label, folder in config["inputs"].items():
-        chosen = [Structure.from_dict(scored[label][name]["structure"]) for name in names]
+        chosen = [scored[label][name].structure for name in names]
         started = time.perf_counter()
         results = relax_structures(chosen, steps=int(config["steps"]), fmax=float(config["fmax"]))
         done = [r for r in results if not r["error"]]

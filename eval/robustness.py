@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import batch, reports
+from crystallm.evaluation import EvaluationOptions, batch, reports
 from crystallm.io.cif import structure_from_cif
 from crystallm.stage_config import read_stage_config
 
@@ -41,7 +41,7 @@ def main() -> None:
                 archive.writestr(f"{index:05d}_{name}", payload)
             else:
                 archive.writestr(f"{index:05d}.cif", cif)
-    summary = batch.evaluate(path, num_proc=config.get("num_proc"), progress=False)
+    summary = batch.evaluate(path, options=EvaluationOptions(num_proc=config.get("num_proc"), progress=False))
     summary["peak_rss_mib"] = {
         "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

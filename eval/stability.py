@@ -10,7 +10,7 @@ Resumable: relaxation results go to `<output_dir>/stability.jsonl` as they come.
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import batch, csp, reports
+from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, csp, reports
 from crystallm.evaluation.relaxation import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
 from crystallm.stage_config import read_stage_config
 
@@ -20,9 +20,10 @@ def main() -> None:
     out = Path(config["output_dir"])
     ids = csp.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
     settings = RelaxationSettings(**config.get("relaxation", {}))
-    summary = batch.evaluate(config["input"], reference=config.get("reference"), ids=ids,
-                                  limit=config.get("limit"), num_proc=config.get("num_proc"), stability=settings,
-                                  stability_cache=out / "stability.jsonl")
+    options = EvaluationOptions(ids=tuple(ids) if ids else None, limit=config.get("limit"),
+                                num_proc=config.get("num_proc"))
+    summary = batch.evaluate(config["input"], reference=config.get("reference"),
+                             stability=StabilityTask(settings, out / "stability.jsonl"), options=options)
     if config.get("known_column"):
         benchmark, _, split = config["input"].partition("/")
         dataset = data.load_split(benchmark, split)

@@ -1,6 +1,7 @@
 """Shared fixtures: small seeded slices of the real data in ../shared/data."""
 
 import random
+import shutil
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.io import text_format
 from crystallm.io.cif import structure_from_cif
+from crystallm.model_folder import TRAINING_CORPUS
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.adapter import train_adapter
@@ -68,12 +70,13 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_with_adapters(tmp_path_factory):
     """A tiny untrained base model folder with two adapters trained 3 steps each on real corpus rows, saved
-    beside it (`<model>/adapters/<property>/`) as the shipped model keeps them."""
+    beside it (`<model>/adapters/<property>/`) as the shipped model keeps them, and the corpus it stands for."""
     base = _save_tiny_model(tmp_path_factory.mktemp("model-with-adapters"))
     for name in ("band_gap", "formation_energy_per_atom"):
         train_adapter({"model": str(base), "property": name, "corpus": "data/pretraining-corpus.csv.gz",
                        "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
                        "max_steps": 3, "rank": 4})
+    shutil.copy("data/pretraining-corpus.csv.gz", base / TRAINING_CORPUS)  # its novelty reference, as exported
     return base
 
 

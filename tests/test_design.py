@@ -9,6 +9,7 @@ from crystallm.design import Target, neutral_example, plan_design, run_design
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 from crystallm.evaluation.relaxation import RelaxationSettings
 from crystallm.generation.sampling import load_generator
+from crystallm.model_folder import DEFAULT_MODEL
 from crystallm.properties.surrogates import fit_surrogate, save_surrogate
 
 
@@ -41,9 +42,11 @@ def test_bad_design_requests_fail_or_warn_before_any_compute(design_model):
     assert neutral_example(("Na", "Cl")) == "NaCl"
 
 
-def test_a_design_run_funnels_ranks_writes_its_report_and_resumes(design_model, tmp_path):
-    model, tokenizer = load_generator(design_model, device="cpu")
-    plan = plan_design(design_model, ["band_gap=1.0:8", "formation_energy_per_atom=-1.0:6"], num=8, top=3,
+@pytest.mark.slow
+def test_a_design_run_funnels_ranks_writes_its_report_and_resumes(tmp_path):
+    # The shipped model: an untrained one writes nothing valid, and a test over an empty shortlist proves nothing.
+    model, tokenizer = load_generator(DEFAULT_MODEL, device="cpu")
+    plan = plan_design(DEFAULT_MODEL, ["band_gap=1.0:8", "formation_energy_per_atom=-1.0:6"], num=8, top=3,
                        batch_size=4, e_hull_max=50.0, relaxation=RelaxationSettings(steps=2))
     funnel = run_design(model, tokenizer, plan, tmp_path / "design", progress=False)
     counts = list(funnel.values())
@@ -53,7 +56,7 @@ def test_a_design_run_funnels_ranks_writes_its_report_and_resumes(design_model, 
     assert report["funnel"] == funnel and "|predicted - target| / tolerance" in report["score"]
     with open(tmp_path / "design" / "shortlist.csv") as handle:
         shortlist = list(csv.DictReader(handle))
-    assert len(shortlist) == min(3, funnel["stable"])
+    assert funnel["stable"] >= 1 and len(shortlist) == min(3, funnel["stable"])
     assert [row["rank"] for row in shortlist] == [str(i) for i in range(1, len(shortlist) + 1)]
     assert [float(r["score"]) for r in shortlist] == sorted(float(r["score"]) for r in shortlist)
     for row in shortlist:

@@ -135,3 +135,39 @@ def test_bad_hub_input_gives_one_clear_line(hub, model_with_adapters, tmp_path):
     assert hub([sys.executable, "-c", upload], home).returncode == 0
     other = hub(_crystallm("generate", "--model", "user/gpt2", "--out", str(tmp_path / "b")), home)
     assert other.returncode == 2 and "not a crystallm model (its config.json says model_type 'gpt2')" in other.stderr
+
+
+class _WritesAFileWhenUnpickled:
+    """What a malicious surrogate could hold: unpickling it calls `open(marker, "w")`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_hub_model_whose_surrogate_is_a_pickle_is_refused_and_the_pickle_never_runs(hub, model_with_adapters,
+                                                                                     tmp_path):
+    import pickle
+    import shutil
+
+    folder = tmp_path / "evil"
+    shutil.copytree(model_with_adapters, folder, ignore=shutil.ignore_patterns("surrogates"))
+    marker = tmp_path / "written-by-the-pickle"
+    (folder / "surrogates" / "band_gap").mkdir(parents=True)
+    (folder / "surrogates" / "band_gap" / "predictor.joblib").write_bytes(
+        pickle.dumps(_WritesAFileWhenUnpickled(marker)))
+    (folder / "surrogates" / "band_gap" / "report.json").write_text('{"property": "band_gap"}')
+    home = tmp_path / "home"
+    upload = ("from huggingface_hub import HfApi; api = HfApi(); api.create_repo('user/evil'); "
+              f"api.upload_folder(repo_id='user/evil', folder_path={str(folder)!r})")
+    assert hub([sys.executable, "-c", upload], home).returncode == 0
+    result = hub(_crystallm("design", "--model", "user/evil", "--target", "band_gap=2", "--num", "4",
+                            "--out", str(tmp_path / "d")), home)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the surrogate is a pickle (predictor.joblib), which runs code when loaded" in result.stderr
+    assert not marker.exists() and not (tmp_path / "d").exists()
+    # The check itself can see a pickle run: loading the file with pickle writes the marker.
+    pickle.loads((folder / "surrogates" / "band_gap" / "predictor.joblib").read_bytes())
+    assert marker.exists()

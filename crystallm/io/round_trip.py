@@ -8,6 +8,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 
 from crystallm.errors import CrystaLLMInputError
 from crystallm.io import text_format
+from crystallm.io.cif import structure_from_cif
 
 _MATCHER = StructureMatcher()
 # Default tolerances, no reduction to a primitive cell, supercells allowed: tells StructureMatcher's own
