@@ -87,12 +87,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_to_cif(args: argparse.Namespace) -> int:
     """crystallm text -> a standard CIF that VESTA, ASE and pymatgen read."""
-    try:
-        structure = text_format.parse_structure(_read(args.input))
-    except CrystaLLMInputError as error:
-        _report(str(args.input), f"{type(error).__name__}: {error}")
-        return 1
-    written = cif.structure_to_cif(structure)
+    written = cif.structure_to_cif(text_format.parse_structure(_read(args.input)))
     if args.out:
         Path(args.out).write_text(written)
     else:

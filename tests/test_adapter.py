@@ -32,6 +32,7 @@ def test_an_adapter_trains_on_a_frozen_base_saves_by_name_and_leaves_the_base_un
         assert torch.equal(adapted(ids).logits, before)  # and the base is untouched under it
 
 
+@pytest.mark.slow
 def test_adapters_switch_by_name_on_one_base_and_unconditioned_samples_stay_the_base_models(model_with_adapters):
     model, tokenizer = load_generator(model_with_adapters, device="cpu")
     base_texts = [s.text for s in generate_structures(model, tokenizer, num=4, batch_size=2, max_atoms=24)]
@@ -50,6 +51,7 @@ def test_adapters_switch_by_name_on_one_base_and_unconditioned_samples_stay_the_
     assert [s.text for s in generate_structures(model, tokenizer, num=4, batch_size=2, max_atoms=24)] == base_texts
 
 
+@pytest.mark.slow
 def test_conditioned_generation_with_and_without_guidance(model_with_adapters):
     model, tokenizer = load_generator(model_with_adapters, device="cpu")
     prompt = Prompt.of(property_name="band_gap", target=2.0)
@@ -81,6 +83,7 @@ def _generate(model_dir, out, *arguments) -> int:
                      "--max-atoms", "24", "--quiet", *arguments])
 
 
+@pytest.mark.slow
 def test_generate_command_with_an_adapter_a_target_and_guidance(model_with_adapters, tmp_path, capsys):
     import json
 

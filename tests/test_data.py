@@ -49,6 +49,7 @@ def test_benchmark_splits():
         data.load_split("mp20-bt", "val")
 
 
+@pytest.mark.slow
 def test_no_test_structure_in_pretraining_corpus(corpus, test_texts):
     """The leakage guard, on the committed corpus: no test material id, no test text, and no corpus structure
     with a test structure's reduced formula and space group that StructureMatcher matches to it.
@@ -68,6 +69,7 @@ def test_no_test_structure_in_pretraining_corpus(corpus, test_texts):
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_committed_texts_are_current(corpus, test_texts):
     """The committed files hold what the current format writes for the raw CIFs (else re-run the stage)."""
     rng = random.Random(3)

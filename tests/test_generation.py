@@ -153,6 +153,7 @@ def test_generate_writes_readable_cifs_extxyz_and_summaries_and_resumes(tiny_mod
     assert _generate(out, tiny_model_dir, "--num", "6", "--resume", "--seed", "9") == 2  # other settings
 
 
+@pytest.mark.slow
 def test_a_killed_run_keeps_every_finished_structure_and_resume_completes_it(tiny_model_dir, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--out",

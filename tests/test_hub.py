@@ -14,6 +14,8 @@ import torch
 from crystallm.adapters import use_adapter
 from crystallm.generation.sampling import load_generator
 
+pytestmark = pytest.mark.slow  # a server process and a push per module
+
 TOKEN = "hf_test_token"
 PROBE = """
 import json, sys, torch

@@ -77,6 +77,7 @@ def test_evaluate_stability_command_writes_the_summary_with_its_approximations(m
     assert len((folder / "stability.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_slice, tmp_path):
     from crystallm.evaluation.relaxation import rank_by_energy
 

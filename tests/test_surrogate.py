@@ -4,15 +4,9 @@ import torch
 
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.data import labelled_texts
-from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.errors import CrystaLLMInputError
-from crystallm.properties.surrogates import (
-    PREDICTOR_FILE,
-    REPORT_FILE,
-    fit_surrogate,
-    load_surrogate,
-    save_surrogate,
-)
+from crystallm.modeling import CrystaLLMForCausalLM
+from crystallm.properties.surrogates import PREDICTOR_FILE, REPORT_FILE, fit_surrogate, load_surrogate, save_surrogate
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

@@ -52,6 +52,12 @@ class EvaluationOptions:
     plots: str | Path | None = None
 
 
+def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputError:
+    found = f"; skipped {len(skipped)} files that are not structure files ({', '.join(skipped[:3])})" if skipped else ""
+    return CrystaLLMInputError(f"{source}: no structures found (expected CIFs, crystallm texts, extxyz frames or CSV "
+                               f"rows){found}")
+
+
 def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: CSPTask | None = None,
              stability: StabilityTask | None = None, options: EvaluationOptions = EvaluationOptions()) -> dict:
     """Evaluate a collection (see `readers.iter_entries`) and return the summary: validity, symmetry,
@@ -69,6 +75,10 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     start = time.perf_counter()
     skipped: list[str] = []
     entries = iter_entries(source, skipped)
+    first = next(entries, None)  # opens the source: a missing or unreadable one fails here, before any progress
+    if first is None:
+        raise _no_structures(source, skipped)
+    entries = itertools.chain([first], entries)
     if options.ids is not None:
         wanted = set(options.ids)
         entries = (entry for entry in entries if entry.name in wanted)
@@ -83,10 +93,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
             if handle:
                 handle.write(json.dumps(record.to_dict()) + "\n")
     if not records:
-        found = f"; skipped {len(skipped)} files that are not structure files ({', '.join(skipped[:3])})" \
-            if skipped else ""
-        raise CrystaLLMInputError(f"{source}: no structures found (expected CIFs, crystallm texts, extxyz frames "
-                                  f"or CSV rows){found}")
+        raise _no_structures(source, skipped)
     # A collection named twice (the test split as input, --test and --csp) is scored once.
     scored = {str(source): [r for r in records if not r.error]} if not options.limit and options.ids is None else {}
 
