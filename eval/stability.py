@@ -28,7 +28,7 @@ def main() -> None:
         benchmark, _, split = config["input"].partition("/")
         dataset = data.load_split(benchmark, split)
         known = dict(zip(dataset["id"], dataset[config["known_column"]]))
-        hull = ReferenceHull.from_shared_data()
+        hull = ReferenceHull.from_file()
         cached = reports.read_json_lines(out / "stability.jsonl")
         placed = [place_on_hull(record, hull, settings.mp2020) for record in cached]
         summary["stability"]["agreement_with_" + config["known_column"]] = e_hull_agreement(placed, known)

@@ -33,6 +33,7 @@ def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
 
 def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(mp20_test_slice):
     hull = ReferenceHull.from_shared_data()
+    shipped = ReferenceHull.from_file()  # the package's copy: the lowest energy of each formula, the same hull
     for row in mp20_test_slice[:10]:
         composition = Composition(structure_from_cif(row["cif"], row["id"]).composition)
         formation = row["formation_energy_per_atom"]
@@ -44,6 +45,8 @@ def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(
         # The row itself is one of the hull's phases, so it cannot lie below it; the hull holds only some of MP's
         # phases, so it is never deeper than MP's own: E_hull is at most MP's e_above_hull.
         assert -1e-6 <= e_hull <= row["e_above_hull"] + 1e-6
+        assert shipped.e_above_hull(composition, energy + 0.05) == pytest.approx(
+            hull.e_above_hull(composition, energy + 0.05), abs=1e-9)
     with pytest.raises(ValueError, match="no elemental reference energy for Og"):
         hull.e_above_hull(Composition("OgCl"), -1.0)
 

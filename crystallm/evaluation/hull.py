@@ -1,6 +1,9 @@
 """The approximate convex hull of `crystallm.evaluation.relaxation`'s stability protocol: pymatgen's PhaseDiagram
 per chemical system from the formation energies in ../shared/data and MP's elemental references; a relaxation
-result placed on it gets its E_hull."""
+result placed on it gets its E_hull.
+
+The package ships the hull (`HULL_FILE`: the lowest formation energy of each reduced formula, which gives the
+same hull as every entry), so stability and design work from any folder; `eval/reference_hull.py` writes it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import json
 import math
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 from pymatgen.core import Composition, Structure
 
@@ -20,6 +24,7 @@ HULL_SOURCES = ("mp_20_biternary/val", "mp_20_biternary/test", "mp_20_subset_sli
 
 
 ELEMENTAL_REFERENCES = "matbench_discovery/2023-02-07-mp-elemental-reference-entries.json.gz"
+HULL_FILE = Path(__file__).parents[1] / "resources" / "reference-hull.json.gz"
 
 
 @lru_cache(maxsize=1)
@@ -68,6 +73,7 @@ class ReferenceHull:
     def __init__(self, formation_energies: list[tuple[Composition, float]], elemental_energies: dict[str, float]):
         from pymatgen.analysis.phase_diagram import PDEntry
 
+        self.formation_energies = formation_energies
         self.elemental_energies = elemental_energies
         self._by_system: dict[frozenset, list] = {}
         for composition, energy in formation_energies:
@@ -79,6 +85,24 @@ class ReferenceHull:
     def from_shared_data(cls, sources: tuple[str, ...] = HULL_SOURCES) -> "ReferenceHull":
         """The hull from ../shared/data: the formation energies of `sources` and MP's elemental references."""
         return _shared_hull(sources)
+
+    @classmethod
+    def from_file(cls, path: str | Path = HULL_FILE) -> "ReferenceHull":
+        """The hull `to_file` wrote (by default the one shipped with the package, built from ../shared/data)."""
+        return _hull_from_file(str(path))
+
+    def to_file(self, path: str | Path) -> None:
+        """Write the hull as gzipped JSON: the lowest formation energy (eV/atom) of each reduced formula, which
+        spans the same hull as all of them, and the elemental references."""
+        import gzip
+
+        lowest: dict[str, float] = {}
+        for composition, energy in self.formation_energies:
+            formula = composition.reduced_formula
+            lowest[formula] = min(energy, lowest.get(formula, math.inf))
+        with gzip.open(path, "wt") as handle:
+            json.dump({"elemental_energies": self.elemental_energies,
+                       "formation_energies": sorted(lowest.items())}, handle)
 
     def formation_energy(self, composition: Composition, energy_per_atom: float) -> float:
         """Formation energy per atom (eV/atom) of a corrected total energy per atom, from MP's elemental
@@ -110,6 +134,16 @@ class ReferenceHull:
                     entries += self._by_system.get(frozenset(subsystem), [])
             self._diagrams[system] = PhaseDiagram(entries)
         return self._diagrams[system]
+
+
+@lru_cache(maxsize=2)
+def _hull_from_file(path: str) -> ReferenceHull:
+    import gzip
+
+    with gzip.open(path, "rt") as handle:
+        stored = json.load(handle)
+    return ReferenceHull([(Composition(formula), energy) for formula, energy in stored["formation_energies"]],
+                         stored["elemental_energies"])
 
 
 @lru_cache(maxsize=4)

@@ -178,7 +178,7 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                 handle.flush()
                 done[record["name"]] = json.loads(line)  # as a resumed run will read it
                 bar.update(1)
-    hull = ReferenceHull.from_shared_data()
+    hull = ReferenceHull.from_file()
     return [place_on_hull(done[name], hull, settings.mp2020) for name, _ in structures]
 
 
