@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into
-    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator
+    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator, native_bf16
 
     args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
     if (args.adapter is None) != (args.target is None):
@@ -159,8 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "max_atoms": args.max_atoms, "bf16": not args.fp32, "refine": args.refine,
-                "symmetrize": args.symmetrize, "guidance": args.guidance}
+                "max_atoms": args.max_atoms, "bf16": not args.fp32 and native_bf16(), "refine": args.refine,
+                "symmetrize": args.symmetrize, "guidance": args.guidance, "min_distance": args.min_distance,
+                "charge_neutral": args.charge_neutral}
     settings = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
                 "num": args.num,
                 "batch_size": args.batch_size, **sampling, "format_version": text_format.FORMAT_VERSION}
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "
                           "ranking.csv, lowest energy first (the best CSP guess first)")
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
-    generate.add_argument("--batch-size", type=POSITIVE, default=32)
+    generate.add_argument("--batch-size", type=POSITIVE, default=64)
     generate.add_argument("--seed", type=COUNT, default=0)
     generate.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0,
                           help="sampling temperature (default 1; 0 is greedy decoding)")
@@ -334,7 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "finds (symprec 0.1)")
     generate.add_argument("--resume", action="store_true", help="continue the run in --out")
     generate.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    generate.add_argument("--fp32", action="store_true", help="no bf16 autocast on CPU (slower)")
+    generate.add_argument("--min-distance", type=NON_NEGATIVE_FLOAT, default=0.5, help="no two atoms closer than "
+                          "this, in Å, enforced while decoding (default 0.5: structural validity; 0: off)")
+    generate.add_argument("--charge-neutral", action="store_true", help="only formulas that pass SMACT's "
+                          "charge-neutrality test (unconditional and --chemical-system prompts)")
+    generate.add_argument("--fp32", action="store_true", help="no bf16 autocast (default: bf16 where the CPU "
+                          "computes it natively, AVX512-BF16 or AMX)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
 
@@ -351,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
     design.add_argument("--out", default="design", help="output folder (default ./design); rerun to resume")
     design.add_argument("--seed", type=COUNT, default=0)
-    design.add_argument("--batch-size", type=POSITIVE, default=32)
+    design.add_argument("--batch-size", type=POSITIVE, default=64)
     design.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     design.add_argument("--quiet", action="store_true", help="no progress bars")
     design.set_defaults(run=cmd_design)

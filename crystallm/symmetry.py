@@ -121,9 +121,35 @@ class WyckoffPosition:
 
     def orbit(self, params) -> np.ndarray:
         """All `multiplicity` positions of the orbit in the conventional cell, wrapped into [0, 1)."""
-        representative = self.position(params)
-        positions = np.einsum("nij,j->ni", self.orbit_rotations, representative) + self.orbit_translations
+        return self.orbits(np.asarray(params, dtype=float).reshape(1, -1))[0]
+
+    def orbits(self, params: np.ndarray) -> np.ndarray:
+        """The orbits of many parameter sets at once: (candidates, free axes) -> (candidates, multiplicity, 3).
+
+        >>> wyckoff_position(194, "f").orbits(np.array([[0.1], [0.2]])).shape
+        (2, 4, 3)
+        """
+        points = np.zeros((len(params), 3))
+        points[:, list(self.free_axes)] = params
+        representatives = np.mod(points @ self.rotation.T + self.translation, 1.0)
+        positions = np.einsum("nij,cj->cni", self.orbit_rotations, representatives) + self.orbit_translations
         return np.mod(positions, 1.0)
+
+    def orbit_line(self, params) -> tuple[np.ndarray, np.ndarray]:
+        """The orbit as its last free coordinate t varies, the others fixed at `params`: atom i at
+        `start[i] + t * step[i]` (fractional, not wrapped). Without free coordinates, step is 0.
+
+        >>> start, step = wyckoff_position(194, "h").orbit_line([])  # x, 2x, 1/4
+        >>> start.shape, step[0].tolist()
+        ((6, 3), [1.0, 2.0, 0.0])
+        """
+        point = np.zeros(3)
+        point[list(self.free_axes[:-1])] = params
+        direction = np.zeros(3)
+        if self.free_axes:
+            direction[self.free_axes[-1]] = 1.0
+        start = np.einsum("nij,j->ni", self.orbit_rotations, self.rotation @ point + self.translation)
+        return start + self.orbit_translations, np.einsum("nij,j->ni", self.orbit_rotations, self.rotation @ direction)
 
     def params_of(self, representative: np.ndarray) -> np.ndarray:
         """Free parameters of a point that lies on the representative (no check)."""

@@ -31,7 +31,7 @@ def main() -> None:
     model, tokenizer = load_generator(config.get("model"))
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
                 "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
-                "refine": config.get("refine", False)}
+                "refine": config.get("refine", False), "min_distance": config.get("min_distance", 0.5)}
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
                 "attempts": attempts, **sampling, "num": len(prompts)}  # `num` may grow: the folder resumes
     folder = GenerationFolder(out / "generated", settings, resume=True)

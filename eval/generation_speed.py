@@ -10,21 +10,24 @@ from pathlib import Path
 
 import torch
 
-from crystallm.generation.sampling import load_generator, measure_speed
+from crystallm.generation.sampling import load_generator, measure_speed, native_bf16
 from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     model, tokenizer = load_generator(config.get("model"))
+    bf16 = native_bf16() if config.get("bf16") is None else config["bf16"]
     summary = {"model": config.get("model") or "default", "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} torch threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
-               "bf16": config.get("bf16", True), "results": []}
-    for batch_size, num in config["batches"].items():
-        result = measure_speed(model, tokenizer, int(batch_size), int(num), config.get("repeats", 3),
-                               bf16=config.get("bf16", True))
-        summary["results"].append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+               "bf16": bf16, "results": []}
+    # Each arm is a set of sampling settings (e.g. the grammar off, or another distance floor).
+    for arm in config.get("arms", [{}]):
+        for batch_size, num in config["batches"].items():
+            result = measure_speed(model, tokenizer, int(batch_size), int(num), config.get("repeats", 3), bf16=bf16,
+                                   **arm)
+            summary["results"].append({"arm": arm, **result})
+            print(json.dumps({"arm": arm, **{k: v for k, v in result.items() if k != "runs"}}), flush=True)
     (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -1,4 +1,5 @@
-"""Stage: the share of sampled texts that parse, with and without the grammar processor.
+"""Stage: the share of sampled texts that parse, and that are structurally valid, with the grammar and its
+distance floor, with the grammar alone, and without either.
 
     python eval/parse_rate.py configs/eval-parse-rate-untrained.yaml
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from crystallm.configuration import CrystaLLMConfig
+from crystallm.evaluation.validity import structural_validity
 from crystallm.generation.sampling import generate_structures
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.stage_config import read_stage_config
@@ -29,16 +31,19 @@ def main() -> None:
         model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), **config["untrained_model"]))
     summary = {"model": config.get("model") or f"untrained {config['untrained_model']}", "samples": config["samples"],
                "max_atoms": config["max_atoms"]}
-    for grammar in (True, False):
+    arms = {"grammar_and_floor": {}, "grammar": {"min_distance": None}, "no_grammar": {"grammar": False}}
+    for name, arm in arms.items():
         start = time.perf_counter()
-        samples = list(generate_structures(model, tokenizer, num=config["samples"], grammar=grammar,
-                                           max_atoms=config["max_atoms"], batch_size=config["batch_size"],
-                                           seed=config.get("seed", 0), bf16=False))
+        samples = list(generate_structures(model, tokenizer, num=config["samples"], max_atoms=config["max_atoms"],
+                                           batch_size=config["batch_size"], seed=config.get("seed", 0), bf16=False,
+                                           **arm))
         seconds = time.perf_counter() - start
         failures = [sample.error for sample in samples if sample.error]
-        summary["grammar" if grammar else "no_grammar"] = {
-            "parse_rate": 1 - len(failures) / len(samples), "seconds": seconds,
-            "samples_per_second": len(samples) / seconds, "first_failures": failures[:5]}
+        valid = [s for s in samples if s.structure is not None and structural_validity(s.structure)]
+        summary[name] = {
+            "parse_rate": 1 - len(failures) / len(samples), "structural_validity": len(valid) / len(samples),
+            "resampled": sum(1 for s in samples if s.resamples), "below_floor": sum(1 for s in samples if s.fallbacks),
+            "seconds": seconds, "samples_per_second": len(samples) / seconds, "first_failures": failures[:5]}
         print(json.dumps(summary, indent=1), flush=True)
     (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -8,6 +8,11 @@ once), and whose free coordinates are numbers in [0, 1). `<eos>` is allowed exac
 When the prompt holds a formula, the multiplicities add up to it. A space group or a set of elements (a
 chemical system) can be imposed without writing them into the prompt, and a length limit (the model's context)
 is never exceeded: Z is only allowed where even the most rows the group could need still fit.
+
+With a distance floor (`crystallm.generation.distances`), the lattice (written before any site) and the orbits
+placed so far decide which Wyckoff positions and which values of a site's last free coordinate are offered:
+none that would put two atoms (periodic images included) under the floor. With `charge_neutral`, a formula is
+closed only where SMACT's test passes. Where no choice is left, the least bad one is allowed and counted.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
 
+import numpy as np
 import torch
+from pymatgen.core import Lattice
 from transformers import LogitsProcessor
 
 from crystallm import symmetry
+from crystallm.generation.distances import DistanceFloor, orbit_clearance, too_close, too_close_for_each
 from crystallm.io import text_format
 from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
@@ -54,6 +62,26 @@ class _State:
     axis: int = 0
     coordinate_part: int = 0  # 0: first chunk (or ".") next, 1: second chunk next
     error: str | None = None
+    # What distance masking needs (filled only when the processor has a floor):
+    lattice: np.ndarray | None = None  # rows a, b, c in Å, once the lattice is written
+    placed: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # fractional, every atom so far
+    placed_elements: list[str] = field(default_factory=list)
+    params: list[float] = field(default_factory=list)  # the current row's free coordinates so far
+    fallbacks: int = 0  # times no choice kept the floor and the least-bad one was allowed
+
+
+# The middles of the 100 first chunks of a coordinate (0.005, 0.015, ...): where a chunk is measured.
+_CHUNK_MIDDLES = (np.arange(100) + 0.5) / 100
+
+
+@lru_cache(maxsize=None)
+def _charge_neutral(formula: tuple[tuple[str, int], ...]) -> bool:
+    """SMACT's charge-neutrality and electronegativity test (compositional validity) of a formula."""
+    from pymatgen.core import Composition
+
+    from crystallm.evaluation.validity import compositional_validity
+
+    return compositional_validity(Composition(dict(formula)))
 
 
 @lru_cache(maxsize=None)
@@ -132,7 +160,8 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, tokenizer, max_atoms: int = 160, max_length: int | None = None,
-                 space_group: int | None = None, elements: Iterable[str] | None = None):
+                 space_group: int | None = None, elements: Iterable[str] | None = None,
+                 floor: DistanceFloor | None = None, charge_neutral: bool = False):
         self.tokenizer = tokenizer
         self.max_atoms = max_atoms
         # Without a length limit rows never exceed atoms, so the row budget does not bind.
@@ -140,6 +169,8 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         self.formula_limit = min(max_atoms, self.row_budget)  # P1 with Z=1 fits any formula this small
         self.space_group = space_group
         self.elements = tuple(elements or ())
+        self.floor = floor
+        self.charge_neutral = charge_neutral
         self.vocab_size = len(tokenizer)
         vocab = tokenizer.get_vocab()
         self.id_of = vocab
@@ -153,6 +184,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         self.units = {vocab[f" {z}"]: z for z in range(1, text_format.MAX_FORMULA_UNITS + 1)}
         self.integer_parts = {vocab[f" {k}."]: k for k in range(1, int(text_format.MAX_LENGTH))}
         self.coordinate_firsts = [vocab[f" 0.{k:02d}"] for k in range(100)]
+        self.first_values = {vocab[f" 0.{k:02d}"]: k / 100 for k in range(100)}
         self.decimal_pairs = [vocab[f"{k:02d}"] for k in range(100)]
         self.decimal_values = {vocab[f"{k:02d}"]: k / 100 for k in range(100)}
         self.wyckoff_ids = {vocab[t]: t[1:] for t in vocab if t.startswith(" ") and t[1:-1].isdigit()
@@ -213,6 +245,10 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                 state.lattice_part = 0
                 if not state.lattice_left:
                     state.stage = "loop"
+                    if self.floor:
+                        system = symmetry.crystal_system(state.space_group)
+                        parameters = text_format.complete_lattice_parameters(system, state.lattice_values)
+                        state.lattice = Lattice.from_parameters(*parameters).matrix
         elif state.stage == "loop":
             state.stage = "row_element"
         elif state.stage == "row_element":
@@ -227,19 +263,28 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             state.remaining[state.element] -= state.wyckoff.multiplicity
             if not state.wyckoff.free_axes:
                 state.used_fixed.add(state.wyckoff.letter)
-            state.stage, state.axis, state.coordinate_part = "coordinate", 0, 0
+            state.stage, state.axis, state.coordinate_part, state.params = "coordinate", 0, 0, []
         elif state.stage == "coordinate":
             if token == self.fixed or state.coordinate_part == 1:
+                if token != self.fixed:
+                    state.params.append(state.params.pop() + self.decimal_values[token] / 100)
                 state.axis, state.coordinate_part = state.axis + 1, 0
             else:
+                state.params.append(self.first_values[token])
                 state.coordinate_part = 1
             if state.axis == 3:
                 state.stage = "row_element"
+                if self.floor:
+                    orbit = state.wyckoff.orbit(state.params)
+                    state.placed = np.concatenate([state.placed, orbit])
+                    state.placed_elements += [state.element] * len(orbit)
 
     def _is_allowed(self, state: _State, token: int) -> bool:
         if state.stage == "group" and not self.space_group:  # one group's check, not all 230
             number = self.groups.get(token)
             return number is not None and bool(self._units_for(state.formula, number))
+        if state.stage == "formula":  # a formula closed off charge neutrality (a counted fallback) is still text
+            return token in self._formula_allowed(state, neutral=False)
         return token in self._allowed(state)
 
     def _likely_groups(self, state: _State, scores: torch.Tensor) -> list[int]:
@@ -321,7 +366,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             return sum(counts) <= self.formula_limit
         return bool(_formula_units(self.space_group, tuple(sorted(counts)), self.max_atoms, self.row_budget))
 
-    def _formula_allowed(self, state: _State) -> list[int]:
+    def _formula_allowed(self, state: _State, neutral: bool = True) -> list[int]:
         """Elements, counts and the closing tag that keep the formula closable. Every allowed token leaves a
         closable formula (counting each element still to come once), so decoding never reaches a dead end."""
         missing = [e for e in self.elements if e not in state.formula]
@@ -332,12 +377,16 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                 allowed += [self.id_of[e] for e in missing]
             elif self._closable(counts + (1,)):
                 allowed += [i for i, e in self.formula_elements.items() if e not in state.formula]
+        neutral = neutral and self.charge_neutral
         if state.formula:
-            if not missing:
+            if not missing and not (neutral and not _charge_neutral(tuple(state.formula.items()))):
                 allowed.append(self.tags[text_format.TAG_SPACE_GROUP])
             if not state.counted:
                 rest = counts[:-1] + (1,) * len(missing)
-                allowed += [i for i, n in self.counts.items() if self._closable(rest + (n,))]
+                # The last element's count (no other can follow) must make the formula charge-neutral.
+                last = neutral and (len(state.formula) >= MAX_ELEMENTS or bool(self.elements) and not missing)
+                allowed += [i for i, n in self.counts.items() if self._closable(rest + (n,)) and not (
+                    last and not _charge_neutral(tuple((state.formula | {state.last_element: n}).items())))]
         return allowed
 
     def constraint_problem(self) -> str | None:
@@ -383,8 +432,70 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                 allowed = self._likely_groups(state, scores[row])
             else:
                 allowed = self._allowed(state)
+            if state.lattice is not None and state.stage in ("wyckoff", "coordinate"):
+                allowed = self._keep_apart(state, allowed)
+            elif not allowed and state.stage == "formula":  # no charge-neutral way on: close the formula as it is
+                allowed = [self.tags[text_format.TAG_SPACE_GROUP]]
+                state.fallbacks += 1
             mask[row, allowed] = 0.0
         return scores + mask
+
+    def fallbacks(self, row: int) -> int:
+        """How often a row's text had to take a choice that breaks the distance floor or charge neutrality,
+        because none that keeps them was left (0 for a row this processor has not seen)."""
+        cached = self._cache.get(row)
+        return cached[1].fallbacks if cached else 0
+
+    def _keep_apart(self, state: _State, allowed: list[int]) -> list[int]:
+        """The allowed tokens whose atoms keep every pair at or above the floor, where a token decides an orbit: a
+        Wyckoff position (without free coordinates: its orbit; with one: some value of it must have room), or
+        the last free coordinate of a site (its first chunk, measured at the middle of the chunk's 0.01 range;
+        then the exact second chunk). All candidates of a step are measured at once. If none keeps the floor,
+        the one with the most room is allowed, and counted."""
+        wp = state.wyckoff
+        if state.stage == "wyckoff":
+            positions = [symmetry.wyckoff_position(state.space_group, self.wyckoff_ids[t][-1]) for t in allowed]
+            measured = [i for i, p in enumerate(positions) if len(p.free_axes) <= 1]
+            blocked = [False] * len(positions)
+            if measured:
+                floors = self.floor.to_others(state.element, state.placed_elements)
+                closed = too_close_for_each(state.lattice, [positions[i].orbit_line([]) for i in measured],
+                                            _CHUNK_MIDDLES, state.placed, floors,
+                                            self.floor.between(state.element, state.element)).all(axis=1)
+                for i, full in zip(measured, closed):
+                    blocked[i] = bool(full)
+            if not all(blocked):
+                return [token for token, closed in zip(allowed, blocked) if not closed]
+            candidates = [p.orbits(_CHUNK_MIDDLES[:, None]) if p.free_axes else p.orbit([])[None]
+                          for p in positions]  # rare: measure how close each comes, to allow the least close
+            clearance = np.array([self._clearance(state, orbits).max() for orbits in candidates])
+        elif state.axis in wp.free_axes and state.axis == wp.free_axes[-1]:
+            earlier = state.params[:len(wp.free_axes) - 1]
+            if state.coordinate_part == 0:
+                values = np.array([self.first_values[t] for t in allowed]) + 0.005
+            else:
+                values = state.params[-1] + np.array([self.decimal_values[t] for t in allowed]) / 100
+            blocked = self._too_close(state, wp, earlier, values)
+            if not blocked.all():
+                return [token for token, closed in zip(allowed, blocked) if not closed]
+            params = np.column_stack([np.tile(earlier, (len(values), 1)), values])
+            clearance = self._clearance(state, wp.orbits(params))
+        else:
+            return allowed
+        state.fallbacks += 1
+        return [token for token, room in zip(allowed, clearance) if room == clearance.max()]
+
+    def _too_close(self, state: _State, wp: symmetry.WyckoffPosition, earlier: list[float],
+                   values: np.ndarray) -> np.ndarray:
+        start, step = wp.orbit_line(earlier)
+        floors = self.floor.to_others(state.element, state.placed_elements)
+        return too_close(state.lattice, start, step, values, state.placed, floors,
+                         self.floor.between(state.element, state.element))
+
+    def _clearance(self, state: _State, orbits: np.ndarray) -> np.ndarray:
+        floors = self.floor.to_others(state.element, state.placed_elements)
+        return orbit_clearance(state.lattice, orbits, state.placed, floors,
+                               self.floor.between(state.element, state.element))
 
     def _incremental_state(self, row: int, ids: list[int]) -> _State:
         """The state of a row, advancing a cached one by the new tokens only (generate appends one per call)."""

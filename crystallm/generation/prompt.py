@@ -13,6 +13,7 @@ from crystallm import data, symmetry
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation.csp import read_ids
 from crystallm.generation.conditioning import check_target, condition_prefix
+from crystallm.generation.distances import DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.io import cif, text_format
 
@@ -123,13 +124,17 @@ class Prompt:
                  f"{self.property_name} {self.target}" if self.property_name else ""]
         return ", ".join(p for p in parts if p) or "unconditional"
 
-    def grammar(self, tokenizer, max_atoms: int, max_length: int) -> CrystalGrammarLogitsProcessor:
-        """The grammar processor that imposes this prompt; raises CrystaLLMInputError if nothing can satisfy it."""
+    def grammar(self, tokenizer, max_atoms: int, max_length: int, floor: DistanceFloor | None = None,
+                charge_neutral: bool = False) -> CrystalGrammarLogitsProcessor:
+        """The grammar processor that imposes this prompt (with `floor`, no two atoms closer than it; with
+        `charge_neutral`, a formula the model writes passes SMACT's test); raises CrystaLLMInputError if nothing
+        can satisfy it."""
         # A formula in the text already fixes the elements; a space group in the text is checked by the grammar.
         elements = () if self.formula else self.elements
         space_group = None if self.formula else self.space_group
         try:
-            processor = CrystalGrammarLogitsProcessor(tokenizer, max_atoms, max_length, space_group, elements)
+            processor = CrystalGrammarLogitsProcessor(tokenizer, max_atoms, max_length, space_group, elements, floor,
+                                                      charge_neutral and not self.formula)
         except ValueError as error:
             raise CrystaLLMInputError(f"impossible prompt ({self.describe()}): {error}") from None
         state = processor.state_of(tokenizer(self.text())["input_ids"])

@@ -106,6 +106,7 @@ class GenerationFolder:
         """Add finished samples: the journal first (synced), then CIFs, extxyz, CSV and the summary."""
         entries = [{"index": s.index, "name": name, "prompt": s.prompt.describe(), "text": s.output_text,
                     "tokens": s.tokens, "seconds": s.seconds}
+                   | ({"fallbacks": s.fallbacks, "resamples": s.resamples} if s.fallbacks or s.resamples else {})
                    | ({"lm_text": s.text, "refine_seconds": s.refine_seconds} if s.final_text else {})
                    for s, name in zip(samples, names or [f"sample-{s.index:06d}" for s in samples])]
         try:
@@ -151,7 +152,10 @@ class GenerationFolder:
                                                                          for e in self.entries),
                                  "structures_per_second": len(self.entries) / seconds
                                  if seconds else None, "tokens_per_second": tokens / seconds if seconds else None,
-                                 "tokens_per_structure": tokens / len(self.entries) if self.entries else None}
+                                 "tokens_per_structure": tokens / len(self.entries) if self.entries else None,
+                                 # Dead ends of the distance floor: samples drawn again, and kept below the floor.
+                                 "resampled": sum(1 for e in self.entries if e.get("resamples")),
+                                 "below_floor": sum(1 for e in self.entries if e.get("fallbacks"))}
         summary["settings"] = self.settings
         return summary
 
@@ -214,7 +218,7 @@ def _append_copy(path: Path, append) -> None:
 
 
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
-                  names: list[str] | None = None, batch_size: int = 32, progress: bool = True,
+                  names: list[str] | None = None, batch_size: int = 64, progress: bool = True,
                   **sampling) -> dict:
     """Generate the samples the folder does not hold yet (see `generate_structures` for the arguments), writing
     each batch as it finishes, with a progress bar in structures/s; returns the complete summary.

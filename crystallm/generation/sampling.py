@@ -21,9 +21,13 @@ from transformers import LogitsProcessorList
 
 from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError
+from crystallm.generation.distances import VALIDITY_DISTANCE, DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
 from crystallm.io import text_format
+
+# How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
+RESAMPLE_ATTEMPTS = 3
 
 DEFAULT_MAX_ATOMS = 160  # conventional cell; 99.9% of the pretraining corpus has at most this many atoms
 
@@ -45,6 +49,8 @@ class GeneratedSample:
     seconds: float
     final_text: str = ""
     refine_seconds: float = 0.0
+    fallbacks: int = 0  # choices the grammar had to allow below the distance floor (or off charge neutrality)
+    resamples: int = 0  # times the sample was drawn again because its text needed a fallback
 
     @property
     def output_text(self) -> str:
@@ -111,16 +117,24 @@ def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symm
 
 
 def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | None = None, num: int | None = None,
-                        batch_size: int = 32, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
+                        batch_size: int = 64, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS, start: int = 0,
-                        bf16: bool = True, grammar: bool = True, refine: bool | None = None,
-                        symmetrize: bool = False, guidance: float = 1.0) -> Iterator[GeneratedSample]:
+                        bf16: bool | None = None, grammar: bool = True, refine: bool | None = None,
+                        symmetrize: bool = False, guidance: float = 1.0,
+                        min_distance: float | DistanceFloor | None = VALIDITY_DISTANCE,
+                        charge_neutral: bool = False) -> Iterator[GeneratedSample]:
     """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
 
     `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
     reproducible: each batch is seeded from `seed` and its first index, so `start` (skip the first samples, to
     resume) gives the same samples as an uninterrupted run with the same batch size. `bf16` autocasts on CPU
-    (faster there); the grammar guarantees every text parses (`grammar=False` only to measure what it buys).
+    (default: where the CPU computes bf16 natively, see `native_bf16`); the grammar guarantees every text
+    parses (`grammar=False` only to measure what it buys), and with `min_distance` (Å, 0.5 by default: the
+    validity definition; a `DistanceFloor` for an element-pair floor; None or 0: off) it refuses every choice
+    that would put two atoms closer than that. A sample whose text reaches a dead end (no choice keeps the
+    floor, or charge neutrality) is drawn again up to RESAMPLE_ATTEMPTS times (`resamples`), then kept with
+    the dead ends counted in `fallbacks`. `charge_neutral` lets the model close only formulas that pass SMACT's
+    test (unconditional and chemical-system prompts).
     `refine` (default: when the model has a refinement head) replaces the written lattice and coordinates by the
     head's continuous values; `symmetrize` snaps each structure to the symmetry spglib finds at symprec 0.1.
 
@@ -146,24 +160,45 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
         raise CrystaLLMInputError("this model has no refinement head (train one with train/refiner.py)")
     adapter_context = _adapter_context(model, prompts, guidance)
     max_length = model.config.n_positions
-    grammars = {p: p.grammar(tokenizer, max_atoms, max_length) if grammar else None
+    floor = min_distance if isinstance(min_distance, DistanceFloor) else \
+        DistanceFloor(min_distance) if min_distance else None
+    grammars = {p: p.grammar(tokenizer, max_atoms, max_length, floor, charge_neutral) if grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} \
         if temperature > 0 else {"do_sample": False}
     sampling["guidance_scale"] = guidance
+    bf16 = native_bf16() if bf16 is None else bf16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
     for first in range(start - start % batch_size, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
         begun = time.perf_counter()
         with adapter_context():
-            texts, lengths = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling, autocast)
+            texts, lengths, fallbacks = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling,
+                                                      autocast)
+            resamples = [0] * len(batch)
+            for attempt in range(1, RESAMPLE_ATTEMPTS + 1):  # a text that hit a dead end is drawn again
+                again = [row for row, count in enumerate(fallbacks) if count]
+                if not again:
+                    break
+                redrawn = _sample_batch(model, tokenizer, [batch[row] for row in again], grammars, seed, first,
+                                        sampling, autocast, attempt)
+                for row, text, length, count in zip(again, *redrawn):
+                    texts[row], lengths[row], fallbacks[row], resamples[row] = text, length, count, attempt
         seconds = (time.perf_counter() - begun) / len(batch)
-        samples = [GeneratedSample(first + offset, prompt, text, *_parse(text), None, length, seconds)
-                   for offset, (prompt, text, length) in enumerate(zip(batch, texts, lengths))
-                   if first + offset >= start]
+        samples = [GeneratedSample(first + offset, prompt, text, *_parse(text), None, length, seconds,
+                                   fallbacks=fallback, resamples=resample)
+                   for offset, (prompt, text, length, fallback, resample)
+                   in enumerate(zip(batch, texts, lengths, fallbacks, resamples)) if first + offset >= start]
         _finish(model, tokenizer, samples, refine, symmetrize, torch.Generator().manual_seed(seed * 1_000_003 + first))
         yield from samples
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast makes generation 1.4-2.7x
+    faster; on others (AVX2 only) bf16 is emulated and a batch's forward pass 10-50x slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _check_sampling(batch_size: int, temperature: float, top_k: int | None, top_p: float | None, max_atoms: int,
@@ -182,27 +217,34 @@ def _check_sampling(batch_size: int, temperature: float, top_k: int | None, top_
 
 def measure_speed(model, tokenizer, batch_size: int, num: int, repeats: int = 3, **sampling) -> dict:
     """Generation speed, unconditional: the median over `repeats` runs of `num` samples of structures/s and
-    generated tokens/s (model and grammar; parsing excluded), each run with its own seed.
+    generated tokens/s (model and grammar; parsing excluded), structures/s end to end (parsed, symmetry
+    detected), and the samples drawn again for the distance floor, each run with its own seed.
 
     >>> model, tokenizer = load_generator()
-    >>> sorted(measure_speed(model, tokenizer, batch_size=2, num=2, repeats=1))
-    ['batch_size', 'runs', 'structures_per_second', 'tokens_per_second', 'tokens_per_structure']
+    >>> sorted(measure_speed(model, tokenizer, batch_size=2, num=2, repeats=1))  # doctest: +NORMALIZE_WHITESPACE
+    ['batch_size', 'end_to_end_structures_per_second', 'resampled', 'runs', 'structures_per_second',
+     'tokens_per_second', 'tokens_per_structure']
     """
     import statistics
 
     runs = []
     for repeat in range(repeats):
+        begun = time.perf_counter()
         samples = list(generate_structures(model, tokenizer, num=num, batch_size=batch_size, seed=repeat, **sampling))
+        wall = time.perf_counter() - begun
         seconds, tokens = sum(s.seconds for s in samples), sum(s.tokens for s in samples)
         runs.append({"structures_per_second": len(samples) / seconds, "tokens_per_second": tokens / seconds,
-                     "tokens_per_structure": tokens / len(samples)})
+                     "tokens_per_structure": tokens / len(samples),
+                     "end_to_end_structures_per_second": len(samples) / wall,
+                     "resampled": sum(1 for s in samples if s.resamples)})
     return {"batch_size": batch_size, "runs": runs,
             **{key: statistics.median(run[key] for run in runs) for key in runs[0]}}
 
 
 def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: int, first: int, sampling: dict,
-                  autocast) -> tuple[list[str], list[int]]:
-    """Texts and generated-token counts of one batch. Rows with different constraints get their own processor."""
+                  autocast, attempt: int = 0) -> tuple[list[str], list[int], list[int]]:
+    """Texts, generated-token counts and grammar fallbacks of one batch (`attempt` > 0: a redraw of some of its
+    rows, seeded apart). Rows with different constraints get their own processor."""
     inputs = tokenizer([p.text() for p in batch], return_tensors="pt", padding=True).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     processors = [_RowGrammars([grammars[p] for p in batch])] if grammars[batch[0]] else []
@@ -210,14 +252,16 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: i
         negative = tokenizer([replace(p, target=None).text() for p in batch], return_tensors="pt", padding=True)
         sampling = sampling | {"negative_prompt_ids": negative["input_ids"].to(model.device),
                                "negative_prompt_attention_mask": negative["attention_mask"].to(model.device)}
-    torch.manual_seed(seed * 1_000_003 + first)  # seeds the batch by its position: resumable and reproducible
+    # Seeded by the batch's position (resumable and reproducible), and a redraw by its attempt.
+    torch.manual_seed(seed * 1_000_003 + first + attempt * 1_000_000_007)
     with torch.no_grad(), autocast:
         out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length,
                              logits_processor=LogitsProcessorList(processors), pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
     generated = out[:, prompt_length:]
     lengths = ((generated != tokenizer.pad_token_id) & (generated != tokenizer.eos_token_id)).sum(dim=1) + 1
-    return tokenizer.batch_decode(out, skip_special_tokens=True), lengths.tolist()
+    fallbacks = processors[0].fallbacks() if processors else [0] * len(batch)
+    return tokenizer.batch_decode(out, skip_special_tokens=True), lengths.tolist(), fallbacks
 
 
 def _adapter_context(model, prompts: list[Prompt], guidance: float):
@@ -254,6 +298,16 @@ class _RowGrammars:
         # Each processor sees its rows always in the same order, so its per-row state cache stays valid.
         out = torch.empty_like(scores)
         for processor in dict.fromkeys(self.processors):
-            rows = [i for i, p in enumerate(self.processors) if p is processor]
-            out[rows] = processor(input_ids[rows], scores[rows])
+            out[self._rows(processor)] = processor(input_ids[self._rows(processor)], scores[self._rows(processor)])
         return out
+
+    def _rows(self, processor: CrystalGrammarLogitsProcessor) -> list[int]:
+        return [i for i, p in enumerate(self.processors) if p is processor]
+
+    def fallbacks(self) -> list[int]:
+        """Each row's fallback count (see CrystalGrammarLogitsProcessor.fallbacks)."""
+        counts = [0] * len(self.processors)
+        for processor in dict.fromkeys(self.processors):
+            for own_row, row in enumerate(self._rows(processor)):
+                counts[row] = processor.fallbacks(own_row)
+        return counts

@@ -456,7 +456,7 @@ def read_crystal_text(text: str) -> CrystalText:
     given = {}
     for index in FREE_LATTICE_PARAMETERS[system]:
         given[index] = _parse_float(lines, lines.tag_value(LATTICE_TAGS[index]), LATTICE_TAGS[index])
-    parameters = _complete_lattice_parameters(system, given)
+    parameters = complete_lattice_parameters(system, given)
     for name, value in zip("abc", parameters[:3]):
         if not MIN_LENGTH <= value < MAX_LENGTH:
             raise MalformedTextError(f"cell length {name}={value} Å is outside [{MIN_LENGTH}, {MAX_LENGTH}) Å")
@@ -479,7 +479,12 @@ def read_crystal_text(text: str) -> CrystalText:
     return CrystalText(formula, space_group, formula_units, parameters, tuple(sites))
 
 
-def _complete_lattice_parameters(system: str, given: dict[int, float]) -> tuple[float, ...]:
+def complete_lattice_parameters(system: str, given: dict[int, float]) -> tuple[float, ...]:
+    """a, b, c, alpha, beta, gamma of a crystal system's cell from its free parameters (index into LATTICE_TAGS).
+
+    >>> complete_lattice_parameters("hexagonal", {0: 3.2, 2: 5.1})
+    (3.2, 3.2, 5.1, 90.0, 90.0, 120.0)
+    """
     if system == "cubic":
         a = given[0]
         return (a, a, a, 90.0, 90.0, 90.0)
