@@ -62,29 +62,23 @@ def _images(reach: tuple[int, ...]) -> np.ndarray:
     return np.array(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=float)
 
 
-def too_close(lattice: np.ndarray, start: np.ndarray, step: np.ndarray, values: np.ndarray, placed: np.ndarray,
-              floors: np.ndarray, self_floor: float) -> np.ndarray:
-    """For an orbit whose atoms move along lines as one free coordinate t varies (atom i at `start[i] + t *
-    step[i]`, fractional), which of `values` of t put two atoms under their floor: an atom of the orbit and one
-    `placed` (floors: one per placed atom), or two atoms of the orbit (`self_floor`), periodic images included.
-
-    Every pair's squared distance is a quadratic in t, so the values it forbids form one interval: the pairs
-    are solved at once and their intervals marked on the sorted `values`, at a cost that does not grow with
-    the number of values. A fixed orbit is `step` = 0 and one value.
-
-    >>> lattice = np.eye(3) * 4.0  # Cl on (t, 0, 0) and (-t, 0, 0) of a 4 Å cube with Na at the corner
-    >>> start, step = np.zeros((2, 3)), np.array([[1.0, 0, 0], [-1.0, 0, 0]])
-    >>> values = np.array([0.05, 0.2, 0.3, 0.45])
-    >>> too_close(lattice, start, step, values, np.zeros((1, 3)), np.array([0.5]), 0.5).tolist()
-    [True, False, False, True]
-    """
-    return too_close_for_each(lattice, [(start, step)], values, placed, floors, self_floor)[0]
-
-
 def too_close_for_each(lattice: np.ndarray, orbits: list[tuple[np.ndarray, np.ndarray]], values: np.ndarray,
                        placed: np.ndarray, floors: np.ndarray, self_floor: float) -> np.ndarray:
-    """`too_close` for several orbits (start, step) at once, one row of the result each: the pairs of all of
-    them are solved in one pass (a grammar step weighs every Wyckoff position it could offer)."""
+    """For orbits whose atoms move along lines as one free coordinate t varies (atom i of an orbit at
+    `start[i] + t * step[i]`, fractional), which of `values` of t put two atoms under their floor: an atom of the
+    orbit and one `placed` (floors: one per placed atom), or two atoms of the orbit (`self_floor`), periodic
+    images included. One row per orbit; a fixed orbit is `step` = 0.
+
+    Every pair's squared distance is a quadratic in t, so the values it forbids form one interval: the pairs of
+    all orbits are solved at once and their intervals marked on the sorted `values`, at a cost that does not
+    grow with the number of values (a grammar step weighs every token it could offer in one pass).
+
+    >>> lattice = np.eye(3) * 4.0  # Cl on (t, 0, 0) and (-t, 0, 0) of a 4 Å cube with Na at the corner
+    >>> line = (np.zeros((2, 3)), np.array([[1.0, 0, 0], [-1.0, 0, 0]]))
+    >>> values = np.array([0.05, 0.2, 0.3, 0.45])
+    >>> too_close_for_each(lattice, [line], values, np.zeros((1, 3)), np.array([0.5]), 0.5).tolist()
+    [[True, False, False, True]]
+    """
     parts = [_pairs(start, step, placed, floors, self_floor) for start, step in orbits]
     owner = np.concatenate([np.full(len(part[0]), index) for index, part in enumerate(parts)])
     offsets, slopes, pair_floors, own = (np.concatenate(column) for column in zip(*parts))

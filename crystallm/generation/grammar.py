@@ -27,7 +27,7 @@ from pymatgen.core import Lattice
 from transformers import LogitsProcessor
 
 from crystallm import symmetry
-from crystallm.generation.distances import DistanceFloor, orbit_clearance, too_close, too_close_for_each
+from crystallm.generation.distances import DistanceFloor, orbit_clearance, too_close_for_each
 from crystallm.io import text_format
 from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
@@ -458,11 +458,8 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             measured = [i for i, p in enumerate(positions) if len(p.free_axes) <= 1]
             blocked = [False] * len(positions)
             if measured:
-                floors = self.floor.to_others(state.element, state.placed_elements)
-                closed = too_close_for_each(state.lattice, [positions[i].orbit_line([]) for i in measured],
-                                            _CHUNK_MIDDLES, state.placed, floors,
-                                            self.floor.between(state.element, state.element)).all(axis=1)
-                for i, full in zip(measured, closed):
+                closed = self._too_close(state, [positions[i].orbit_line([]) for i in measured], _CHUNK_MIDDLES)
+                for i, full in zip(measured, closed.all(axis=1)):
                     blocked[i] = bool(full)
             if not all(blocked):
                 return [token for token, closed in zip(allowed, blocked) if not closed]
@@ -475,7 +472,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                 values = np.array([self.first_values[t] for t in allowed]) + 0.005
             else:
                 values = state.params[-1] + np.array([self.decimal_values[t] for t in allowed]) / 100
-            blocked = self._too_close(state, wp, earlier, values)
+            blocked = self._too_close(state, [wp.orbit_line(earlier)], values)[0]
             if not blocked.all():
                 return [token for token, closed in zip(allowed, blocked) if not closed]
             params = np.column_stack([np.tile(earlier, (len(values), 1)), values])
@@ -485,12 +482,11 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         state.fallbacks += 1
         return [token for token, room in zip(allowed, clearance) if room == clearance.max()]
 
-    def _too_close(self, state: _State, wp: symmetry.WyckoffPosition, earlier: list[float],
-                   values: np.ndarray) -> np.ndarray:
-        start, step = wp.orbit_line(earlier)
+    def _too_close(self, state: _State, lines: list[tuple[np.ndarray, np.ndarray]], values: np.ndarray) -> np.ndarray:
+        """`too_close_for_each` for orbits of the row's current element (see `symmetry.WyckoffPosition.orbit_line`)."""
         floors = self.floor.to_others(state.element, state.placed_elements)
-        return too_close(state.lattice, start, step, values, state.placed, floors,
-                         self.floor.between(state.element, state.element))
+        return too_close_for_each(state.lattice, lines, values, state.placed, floors,
+                                  self.floor.between(state.element, state.element))
 
     def _clearance(self, state: _State, orbits: np.ndarray) -> np.ndarray:
         floors = self.floor.to_others(state.element, state.placed_elements)
