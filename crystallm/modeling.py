@@ -6,9 +6,9 @@ continuous refinement head.
 - Masked-atom prediction: element tokens of the atom-site rows replaced by `<mask>`, predicted through a
   bidirectional pass of the same weights (a padding-only 4D attention mask turns causal masking off).
 - Contrastive: InfoNCE between pooled embeddings of two equivalent serializations of each crystal in a batch.
-- Refinement head (`CrystalRefiner`): a small denoiser over the continuous values of a text (free lattice
-  parameters, free Wyckoff coordinates), conditioned on the GPT's hidden states; `crystallm.generation.refinement`
-  runs it and `crystallm.training.refiner` trains it.
+- Refinement head (`CrystalRefiner`): a denoiser of the crystal's geometry over periodic neighbour pairs,
+  conditioned on the GPT's hidden states; `crystallm.generation.refinement` runs it and `crystallm.training.refiner`
+  trains it.
 """
 
 from __future__ import annotations
@@ -27,94 +27,111 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError
 
-# The refinement head's kinds of value, and their normalization (log-length, degrees, fraction): one unit is
-# about a typical LM error.
-LENGTH, ANGLE, COORDINATE = 0, 1, 2
-SCALES = torch.tensor([0.02, 1.0, 0.02])
-FOURIER_FREQUENCIES = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+MAX_ATOMIC_NUMBER = 103
+# Frequencies of the log noise level's Fourier features (the head sees sigma from 0.005 to 1 Å).
+LEVEL_FREQUENCIES = torch.tensor([0.25, 0.5, 1.0, 2.0])
+
+@dataclass
+class GeometryBatch:
+    """The tensors the refinement head reads: a batch of crystals as atoms and periodic neighbour pairs.
+
+    `crystallm.generation.refinement.geometry_batch` builds it from CrystalTexts. Atoms of all crystals are
+    stacked; `crystal` says which crystal each atom belongs to. `centers`, `neighbours`: the atom indices of each
+    pair; `vectors`: Cartesian vector (Å) from the center to that periodic image of the neighbour."""
+
+    elements: torch.Tensor  # (atoms,) atomic numbers
+    hidden: torch.Tensor  # (atoms, n_embd) the GPT's hidden state at the atom's site row
+    crystal: torch.Tensor  # (atoms,)
+    centers: torch.Tensor  # (pairs,)
+    neighbours: torch.Tensor  # (pairs,)
+    vectors: torch.Tensor  # (pairs, 3)
+    crystals: int
 
 
-def periodic_difference(delta: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """Differences of fractional coordinates taken the short way round the unit circle."""
-    return torch.where(kinds == COORDINATE, delta - torch.round(delta), delta)
+def _radial_basis(distances: torch.Tensor, cutoff: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussians over [0, cutoff] and a smooth envelope that takes a pair to 0 at the cutoff."""
+    centers = torch.linspace(0.0, cutoff, size, device=distances.device)
+    width = cutoff / size
+    basis = torch.exp(-((distances[:, None] - centers) / width) ** 2)
+    envelope = 0.5 * (torch.cos(math.pi * (distances / cutoff).clamp(max=1.0)) + 1.0)
+    return basis * envelope[:, None], envelope
 
 
 class CrystalRefiner(nn.Module):
-    """The denoiser: (hidden states, kinds, coarse values, noisy values, noise level) -> predicted clean values.
+    """The refinement head: a denoiser of crystal geometry, a score model in the manner of MatterGen's
+    coordinate and lattice diffusion. It reads the atoms of a cell with their periodic neighbours (distances and
+    directions), element embeddings, the GPT's hidden state at each atom's site row and the noise level `sigma`
+    (Å), and predicts each atom's Cartesian displacement back to the clean structure and the cell's strain.
 
-    `forward` is the training loss (denoising score matching), `denoise` one prediction, `refine` the sampler.
+    Both outputs are sums over neighbour pairs of learned invariant weights times the pair's direction (and its
+    outer product for the strain), so they turn with the crystal and respect its symmetry; the caller projects
+    them onto the free Wyckoff and lattice parameters (`crystallm.generation.refinement`). `forward` is the
+    denoising score-matching loss; `denoise` one prediction.
 
-    >>> refiner = CrystalRefiner(hidden_size=32, width=16, layers=1, heads=2)
-    >>> shape = (2, 5)
-    >>> out = refiner.denoise(torch.zeros(*shape, 32), torch.full(shape, 2), torch.rand(shape), torch.rand(shape),
-    ...                       torch.ones(2), torch.ones(shape, dtype=torch.bool))
-    >>> out.shape
-    torch.Size([2, 5])
+    >>> refiner = CrystalRefiner(hidden_size=8, width=16, layers=1)
+    >>> batch = GeometryBatch(torch.tensor([11, 17]), torch.zeros(2, 8), torch.tensor([0, 0]), torch.tensor([0, 1]),
+    ...                       torch.tensor([1, 0]), torch.tensor([[2.8, 0.0, 0.0], [-2.8, 0.0, 0.0]]), crystals=1)
+    >>> displacement, strain = refiner.denoise(batch, torch.tensor([0.1]))
+    >>> displacement.shape, strain.shape
+    (torch.Size([2, 3]), torch.Size([1, 3, 3]))
     """
 
-    def __init__(self, hidden_size: int, width: int = 128, layers: int = 2, heads: int = 4, sigma_start: float = 1.0,
-                 steps: int = 8):
+    def __init__(self, hidden_size: int, width: int = 64, layers: int = 3, radial: int = 16, cutoff: float = 6.0,
+                 max_neighbours: int = 24, lattice_noise: float = 0.2, sigma_start: float = 0.1, steps: int = 4):
         super().__init__()
         # Every argument but the GPT's width, as the model's config saves it: the head is rebuilt from them alone.
-        self.settings = {"width": width, "layers": layers, "heads": heads, "sigma_start": sigma_start, "steps": steps}
+        self.settings = {"width": width, "layers": layers, "radial": radial, "cutoff": cutoff,
+                         "max_neighbours": max_neighbours, "lattice_noise": lattice_noise,
+                         "sigma_start": sigma_start, "steps": steps}
+        self.radial, self.cutoff, self.max_neighbours = radial, cutoff, max_neighbours
+        # Strain noise (dimensionless) per Å of coordinate noise: both come from one level sigma.
+        self.lattice_noise = lattice_noise
         self.sigma_start, self.steps = sigma_start, steps
-        features = 2 * len(FOURIER_FREQUENCIES) + 3  # Fourier of the noisy value, offsets, log noise level
+        self.element = nn.Embedding(MAX_ATOMIC_NUMBER + 1, width)
         self.hidden = nn.Linear(hidden_size, width)
-        self.kind = nn.Embedding(3, width)
-        self.values = nn.Sequential(nn.Linear(features, width), nn.GELU(), nn.Linear(width, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.out = nn.Linear(width, 1)
+        self.level = nn.Sequential(nn.Linear(2 * len(LEVEL_FREQUENCIES), width), nn.SiLU(), nn.Linear(width, width))
+        pair_features = 2 * width + radial
+        self.messages = nn.ModuleList(
+            nn.Sequential(nn.Linear(pair_features, width), nn.SiLU(), nn.Linear(width, width)) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.pair_out = nn.Sequential(nn.Linear(pair_features, width), nn.SiLU(), nn.Linear(width, 2))
+        self.isotropic = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def denoise(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, noisy: torch.Tensor,
-                sigma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted clean values (same units as the inputs) for each slot; `sigma` is per structure, normalized."""
-        scale = SCALES.to(noisy.device)[kinds]
-        offset = periodic_difference(noisy - coarse, kinds) / scale
-        angle = 2 * math.pi * noisy.unsqueeze(-1) * FOURIER_FREQUENCIES.to(noisy.device)
-        is_coordinate = (kinds == COORDINATE).unsqueeze(-1).float()
-        fourier = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1) * is_coordinate
-        level = torch.log(sigma)[:, None, None].expand(*noisy.shape, 1)
-        absolute = torch.where(kinds == ANGLE, noisy / 90 - 1, torch.where(kinds == LENGTH, noisy - 1.5, 0 * noisy))
-        features = torch.cat([fourier, offset.unsqueeze(-1), absolute.unsqueeze(-1), level], dim=-1)
-        x = self.hidden(hidden) + self.kind(kinds) + self.values(features)
-        x = self.encoder(x, src_key_padding_mask=~mask)
-        step = self.out(x).squeeze(-1) * scale  # predicted (clean - noisy), in value units
-        return noisy + step
+    def denoise(self, batch: GeometryBatch, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted displacement of each atom (atoms, 3; Å) and strain of each cell (crystals, 3, 3) back to the
+        clean structure; `sigma` (crystals,) is each crystal's noise level in Å."""
+        distances = batch.vectors.norm(dim=-1).clamp(min=1e-6)
+        directions = batch.vectors / distances[:, None]
+        basis, envelope = _radial_basis(distances, self.cutoff, self.radial)
+        angles = torch.log(sigma)[:, None] * LEVEL_FREQUENCIES.to(sigma.device)
+        level = self.level(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+        h = self.element(batch.elements) + self.hidden(batch.hidden) + level[batch.crystal]
+        scale = 1.0 / math.sqrt(self.max_neighbours)
+        for message, norm in zip(self.messages, self.norms):
+            pair = message(torch.cat([h[batch.centers], h[batch.neighbours], basis], dim=-1)) * envelope[:, None]
+            h = norm(h + torch.zeros_like(h).index_add_(0, batch.centers, pair) * scale)
+        weights = self.pair_out(torch.cat([h[batch.centers], h[batch.neighbours], basis], dim=-1))
+        weights = weights * envelope[:, None] * scale
+        atom_sigma = sigma[batch.crystal]
+        displacement = torch.zeros_like(h[:, :3]).index_add_(0, batch.centers, weights[:, :1] * directions)
+        displacement = displacement * atom_sigma[:, None]
+        outer = weights[:, 1, None, None] * directions[:, :, None] * directions[:, None, :]
+        atom_strain = torch.zeros(len(h), 3, 3, device=h.device).index_add_(0, batch.centers, outer)
+        atom_strain = atom_strain + self.isotropic(h)[:, :, None] * torch.eye(3, device=h.device)
+        counts = torch.zeros(batch.crystals, device=h.device).index_add_(0, batch.crystal, torch.ones_like(atom_sigma))
+        strain = torch.zeros(batch.crystals, 3, 3, device=h.device).index_add_(0, batch.crystal, atom_strain)
+        strain = strain / counts.clamp(min=1)[:, None, None] * (sigma * self.lattice_noise)[:, None, None]
+        return displacement, strain
 
-    def forward(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, clean: torch.Tensor,
-                mask: torch.Tensor, sigma_range: tuple[float, float],
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss: noise the clean values at a random level per structure, predict them back (normalized
-        squared error over the real slots)."""
-        batch = clean.shape[0]
-        low, high = math.log(sigma_range[0]), math.log(sigma_range[1])
-        sigma = torch.exp(torch.rand(batch, generator=generator) * (high - low) + low).to(clean.device)
-        scale = SCALES.to(clean.device)[kinds]
-        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-        noisy = clean + sigma[:, None] * scale * noise
-        noisy = torch.where(kinds == COORDINATE, noisy % 1.0, noisy)
-        predicted = self.denoise(hidden, kinds, coarse, noisy, sigma, mask)
-        error = periodic_difference(predicted - clean, kinds) / scale
-        return (error.pow(2) * mask).sum() / mask.sum().clamp(min=1)
-
-    @torch.no_grad()
-    def refine(self, hidden: torch.Tensor, kinds: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor,
-               sigma_start: float | None = None, steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample clean values starting from the coarse ones at noise level `sigma_start` (normalized units),
-        with `steps` deterministic denoising steps down a geometric schedule (the probability-flow update of a
-        variance-exploding diffusion)."""
-        sigma_start, steps = sigma_start or self.sigma_start, steps or self.steps
-        scale = SCALES.to(coarse.device)[kinds]
-        sigmas = torch.exp(torch.linspace(math.log(sigma_start), math.log(sigma_start / 20), steps)).tolist() + [0.0]
-        noise = torch.randn(coarse.shape, generator=generator).to(coarse.device)
-        x = coarse + sigmas[0] * scale * noise
-        for sigma, following in zip(sigmas[:-1], sigmas[1:]):
-            x = torch.where(kinds == COORDINATE, x % 1.0, x)
-            clean = self.denoise(hidden, kinds, coarse, x, torch.full((x.shape[0],), sigma, device=x.device), mask)
-            x = clean + (following / sigma) * periodic_difference(x - clean, kinds)
-        return torch.where(kinds == COORDINATE, x % 1.0, x)
+    def forward(self, batch: GeometryBatch, sigma: torch.Tensor, displacement: torch.Tensor,
+                strain: torch.Tensor) -> torch.Tensor:
+        """Denoising score-matching loss: squared error of the predicted displacements and strains against the
+        true ones, each in units of its noise level so every level weighs alike."""
+        predicted_displacement, predicted_strain = self.denoise(batch, sigma)
+        atom_sigma = sigma[batch.crystal][:, None]
+        coordinates = ((predicted_displacement - displacement) / atom_sigma).pow(2).sum(-1).mean()
+        lattice = ((predicted_strain - strain) / (sigma * self.lattice_noise)[:, None, None]).pow(2).sum((1, 2))
+        return coordinates + lattice.mean()
 
 
 @dataclass

@@ -1,14 +1,21 @@
+import numpy as np
 import pytest
 import torch
 
-from crystallm import data
+from crystallm import data, symmetry
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt
-from crystallm.generation.refinement import refine_texts, slot_values, value_slots, with_values
+from crystallm.generation.refinement import (
+    CrystalGeometry,
+    geometry_batch,
+    noised_as_written,
+    refine_texts,
+    site_hidden_states,
+)
 from crystallm.generation.sampling import generate_structures
 from crystallm.io import text_format
-from crystallm.modeling import COORDINATE, CrystaLLMForCausalLM, load_model
+from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.tokenization import CrystaLLMTokenizer
 
 
@@ -26,37 +33,60 @@ def texts():
 def model_with_head(tokenizer):
     torch.manual_seed(0)
     config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256,
-                             refiner={"width": 16, "layers": 1, "heads": 2})
+                             refiner={"width": 16, "layers": 1, "sigma_start": 0.2})
     return CrystaLLMForCausalLM(config).eval()
 
 
-def test_slots_are_exactly_the_free_values_of_real_texts(tokenizer, texts):
+def test_the_true_way_back_recovers_the_clean_crystal_exactly(texts):
+    rng = np.random.default_rng(0)
     for text in texts:
-        crystal = text_format.read_crystal_text(text)
-        slots = value_slots(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))
-        free_coordinates = sum(len(site.wyckoff.free_axes) for site in crystal.sites)
-        assert sum(slot.kind == COORDINATE for slot in slots) == free_coordinates, text
-        # Writing the values back changes nothing: the slots address the right numbers.
-        same = with_values(crystal, slots, slot_values(crystal, slots))
-        assert text_format.format_crystal_text(same) == text
+        clean = CrystalGeometry.from_crystal(text_format.read_crystal_text(text))
+        noisy = CrystalGeometry.from_crystal(noised_as_written(clean, 0.1, 0.2, rng))
+        displacement, strain = noisy.displacement_to(clean)
+        back = CrystalGeometry.from_crystal(noisy.moved(displacement, strain))
+        rest, rest_strain = back.displacement_to(clean)
+        assert np.abs(rest).max() < 1e-9 and np.abs(rest_strain).max() < 1e-9, text
+        # Noise moves the free parameters only: same space group, Wyckoff positions and formula.
+        assert [(s.element, s.wyckoff.label) for s in noisy.crystal.sites] == \
+            [(s.element, s.wyckoff.label) for s in clean.crystal.sites]
 
 
-def test_refinement_moves_only_free_values(model_with_head, tokenizer, texts):
-    refined = refine_texts(model_with_head, tokenizer, texts, torch.Generator().manual_seed(0))
+def test_the_head_turns_with_the_crystal(model_with_head, tokenizer, texts):
+    """Outputs are sums of invariant weights times pair directions: rotating every vector rotates the
+    displacements, and the strain turns as R e R^T."""
+    crystals = [text_format.read_crystal_text(text) for text in texts[:3]]
+    geometries = [CrystalGeometry.from_crystal(crystal) for crystal in crystals]
+    batch = geometry_batch(geometries, site_hidden_states(model_with_head, tokenizer, crystals), 6.0, 24)
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
+    sigma = torch.full((3,), 0.1)
+    with torch.no_grad():
+        displacement, strain = model_with_head.refiner.denoise(batch, sigma)
+        batch.vectors = batch.vectors @ rotation.T
+        turned, turned_strain = model_with_head.refiner.denoise(batch, sigma)
+    assert displacement.abs().max() > 0
+    torch.testing.assert_close(turned, displacement @ rotation.T, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(turned_strain, rotation @ strain @ rotation.T, atol=1e-5, rtol=1e-4)
+
+
+def test_refinement_keeps_the_symmetry_and_moves_only_free_parameters(model_with_head, tokenizer, texts):
+    refined = refine_texts(model_with_head, tokenizer, texts)
     moved = 0
     for text, crystal in zip(texts, refined):
         original = text_format.read_crystal_text(text)
         assert crystal.formula == original.formula and crystal.space_group == original.space_group
         assert [(s.element, s.wyckoff.label) for s in crystal.sites] == \
             [(s.element, s.wyckoff.label) for s in original.sites]
+        structure = text_format.crystal_text_to_structure(crystal)
+        assert symmetry.space_group_agrees(structure, original.space_group), text
+        assert CrystalGeometry.from_crystal(crystal).shortest_distance() >= 0.5
         moved += crystal != original
-        text_format.crystal_text_to_structure(crystal)  # still a structure
-    assert moved > 0  # an untrained head does move values
+    assert moved > 0  # an untrained head does move atoms and cells
 
 
 def test_the_head_is_saved_and_loaded_with_the_model(model_with_head, tmp_path):
     model_with_head.save_pretrained(tmp_path)
     loaded = load_model(tmp_path)
+    assert loaded.refiner.settings == model_with_head.refiner.settings
     for (name, a), (_, b) in zip(model_with_head.refiner.state_dict().items(), loaded.refiner.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -81,21 +111,26 @@ def test_refine_needs_a_head(tokenizer):
         next(generate_structures(model, tokenizer, num=1, refine=True))
 
 
-def test_train_refiner_saves_a_model_with_its_head_and_logs_value_errors(tmp_path, tokenizer):
+def test_train_refiner_saves_the_best_head_and_logs_held_out_denoising(tmp_path, tokenizer):
     import json
 
     from crystallm.training.refiner import train_refiner
 
     base = tmp_path / "base"
-    CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)).save_pretrained(base)
+    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)
+    CrystaLLMForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    out = train_refiner({"model": str(base), "corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(tmp_path / "r"),
-                         "eval_rows": 16, "seed": 0, "refiner": {"width": 16, "layers": 1, "heads": 2},
+    out = train_refiner({"model": str(base), "corpus": "data/pretraining-corpus.csv.gz",
+                         "output_dir": str(tmp_path / "r"),
+                         "eval_rows": 8, "seed": 0, "refiner": {"width": 16, "layers": 1, "steps": 2},
                          "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2,
-                         "sigma_range": [0.05, 4.0], "sigma_start": 1.0, "steps": 2})
+                         "eval_sigmas": [0.1], "sigma_range": [0.01, 0.5]})
     rows = [json.loads(line) for line in (out / "refiner_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_refined_coordinate" in rows[1]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    evaluated = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evaluated] == [2, 4] and evaluated[0]["eval"][0]["rmsd_before"] > 0
+    assert evaluated[0].get("best")  # the first evaluation is the best so far
     loaded = load_model(out)
-    assert loaded.refiner is not None and loaded.config.refiner["width"] == 16
+    assert loaded.refiner is not None and loaded.config.refiner["width"] == 16 and loaded.config.refiner["steps"] == 2
     base_weights = load_model(base).state_dict()
     assert all(torch.equal(base_weights[k], v) for k, v in loaded.state_dict().items() if not k.startswith("refiner."))

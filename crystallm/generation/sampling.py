@@ -92,15 +92,14 @@ def _space_group(structure: Structure | None) -> int | None:
         return None
 
 
-def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symmetrize: bool,
-            generator: torch.Generator) -> None:
+def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symmetrize: bool) -> None:
     """Refine (the model's continuous head) and symmetrize (spglib) the parsed samples of a batch, in place."""
     from crystallm.generation.refinement import refine_texts
 
     parsed = [s for s in samples if s.structure is not None]
     if refine and parsed:
         begun = time.perf_counter()
-        crystals = refine_texts(model, tokenizer, [s.text for s in parsed], generator)
+        crystals = refine_texts(model, tokenizer, [s.text for s in parsed])
         for sample, crystal in zip(parsed, crystals):
             sample.final_text = text_format.format_crystal_text(crystal)
             sample.structure = text_format.crystal_text_to_structure(crystal)
@@ -122,14 +121,15 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                         bf16: bool | None = None, grammar: bool = True, refine: bool | None = None,
                         symmetrize: bool = False, guidance: float = 1.0,
                         min_distance: float | DistanceFloor | None = VALIDITY_DISTANCE,
-                        charge_neutral: bool = False) -> Iterator[GeneratedSample]:
+                        charge_neutral: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[GeneratedSample]:
     """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
 
     `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
     reproducible: each batch is seeded from `seed` and its first index, so `start` (skip the first samples, to
-    resume) gives the same samples as an uninterrupted run with the same batch size. `bf16` autocasts on CPU
-    (default: where the CPU computes bf16 natively, see `native_bf16`); the grammar guarantees every text
-    parses (`grammar=False` only to measure what it buys), and with `min_distance` (Å, 0.5 by default: the
+    resume) gives the same samples as an uninterrupted run with the same batch size; `shard` (i, n) generates
+    only batches i, i + n, i + 2n, ..., so n processes together give exactly the one-process run. `bf16`
+    autocasts on CPU (default: where the CPU computes bf16 natively, see `native_bf16`); the grammar guarantees
+    every text parses (`grammar=False` only to measure what it buys), and with `min_distance` (Å, 0.5 by default: the
     validity definition; a `DistanceFloor` for an element-pair floor; None or 0: off) it refuses every choice
     that would put two atoms closer than that. A sample whose text reaches a dead end (no choice keeps the
     floor, or charge neutrality) is drawn again up to RESAMPLE_ATTEMPTS times (`resamples`), then kept with
@@ -171,6 +171,8 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
     for first in range(start - start % batch_size, len(prompts), batch_size):
+        if (first // batch_size) % shard[1] != shard[0]:
+            continue
         batch = prompts[first:first + batch_size]
         begun = time.perf_counter()
         with adapter_context():
@@ -190,7 +192,7 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                                    fallbacks=fallback, resamples=resample)
                    for offset, (prompt, text, length, fallback, resample)
                    in enumerate(zip(batch, texts, lengths, fallbacks, resamples)) if first + offset >= start]
-        _finish(model, tokenizer, samples, refine, symmetrize, torch.Generator().manual_seed(seed * 1_000_003 + first))
+        _finish(model, tokenizer, samples, refine, symmetrize)
         yield from samples
 
 

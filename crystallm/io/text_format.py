@@ -212,7 +212,7 @@ def format_crystal_text(crystal: CrystalText) -> str:
     for site in crystal.sites:
         values = [FIXED_COORDINATE] * 3
         for axis, value in zip(site.wyckoff.free_axes, site.params):
-            values[axis] = _format_number(value, COORDINATE_DECIMALS)
+            values[axis] = _format_number(_round_coordinate(value), COORDINATE_DECIMALS)
         lines.append(" ".join([site.element, site.wyckoff.label, *values]))
     return "\n".join(lines)
 

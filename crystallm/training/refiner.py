@@ -1,10 +1,13 @@
-"""Training the continuous refinement head (`crystallm.modeling.CrystalRefiner`) on a frozen GPT, by the
-training convention of `crystallm.training.pretrain` (accelerate)."""
+"""Training the refinement head (`crystallm.modeling.CrystalRefiner`) by denoising score matching on the corpus,
+the GPT frozen, by the training convention of `crystallm.training.pretrain` (accelerate)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +16,54 @@ from tqdm import tqdm
 
 from crystallm import data, modeling
 from crystallm.generation import refinement
-from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.sampling import load_generator
+from crystallm.io import text_format
 from crystallm.training.collator import epoch_batches, held_out_split
+from crystallm.training.pretrain import make_accelerator
+
+
+def _training_batch(texts: list[str], head: modeling.CrystalRefiner, model, tokenizer, sigma_range,
+                    max_atoms: int, rng: np.random.Generator) -> tuple[modeling.GeometryBatch, torch.Tensor, ...]:
+    """Noised corpus crystals (each at its own level, log-uniform in `sigma_range`, written as text) and the true
+    way back: the head's input, the levels, the displacements and the strains."""
+    low, high = np.log(sigma_range[0]), np.log(sigma_range[1])
+    noisy, sigmas, displacements, strains = [], [], [], []
+    for text in texts:
+        clean = refinement.CrystalGeometry.from_crystal(text_format.read_crystal_text(text))
+        if len(clean.elements) > max_atoms:
+            continue
+        sigma = float(np.exp(rng.uniform(low, high)))
+        crystal = refinement.noised_as_written(clean, sigma, head.lattice_noise, rng)
+        if crystal is None:
+            continue
+        geometry = refinement.CrystalGeometry.from_crystal(crystal)
+        displacement, strain = geometry.displacement_to(clean)
+        noisy.append(geometry)
+        sigmas.append(sigma)
+        displacements.append(displacement)
+        strains.append(strain)
+    hidden = refinement.site_hidden_states(model, tokenizer, [geometry.crystal for geometry in noisy])
+    batch = refinement.geometry_batch(noisy, hidden, head.cutoff, head.max_neighbours)
+    device = batch.vectors.device
+    return (batch, torch.tensor(sigmas, dtype=torch.float32, device=device),
+            torch.tensor(np.concatenate(displacements), dtype=torch.float32, device=device),
+            torch.tensor(np.stack(strains), dtype=torch.float32, device=device))
 
 
 def train_refiner(config: dict) -> Path:
-    """Train the continuous refinement head of a saved model with the GPT frozen, as a configs/refiner-*.yaml
-    says, and save the model with its head to `output_dir`; every setting of the head (`config["refiner"]`:
-    sizes, and the starting noise and steps of inference) is saved in the model's config. The held-out rows are
-    those of `pretrain` with the same seed. Logs the denoising loss, and every `eval_every` steps the mean error
-    of the values the LM samples and of the refined ones on held-out texts (normalized units, per kind).
+    """Train the refinement head of a saved model with the GPT frozen, as a configs/refiner-*.yaml says, and save
+    the model with the head that had the lowest held-out error to `output_dir`; every setting of the head
+    (`config["refiner"]`: sizes, noise scale, starting noise and steps of inference) is saved in the model's config.
+    The held-out rows are those of `pretrain` with the same seed. Logs the loss, and every `eval_every` steps the
+    held-out denoising errors (`crystallm.generation.refinement.denoising_errors`) at `eval_sigmas`.
     """
-    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
 
     out = Path(config["output_dir"])
     seed = int(config.get("seed", 0))
-    generator = torch.Generator().manual_seed(seed)
-    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "bf16"))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    accelerator = make_accelerator(config, "no")
     model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
     head = modeling.CrystalRefiner(model.config.n_embd, **config["refiner"])
     model.config.refiner = head.settings  # the head is rebuilt from these alone when the model is loaded
@@ -38,62 +71,55 @@ def train_refiner(config: dict) -> Path:
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith("refiner.")
     train_texts, eval_texts = held_out_split(data.load_texts(config["corpus"])["text"], seed,
-                                             int(config.get("eval_rows", 512)))
-    vocabulary = CrystalGrammarLogitsProcessor(tokenizer)
+                                             int(config.get("eval_rows", 256)))
+    eval_crystals = [text_format.read_crystal_text(text) for text in eval_texts]
+    max_steps = int(config["max_steps"])
     optimizer = torch.optim.AdamW(head.parameters(), lr=float(config["learning_rate"]), weight_decay=0.01)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    sigma_range = tuple(config["sigma_range"])
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(200, max_steps // 10), max_steps)
+    prepared, optimizer, schedule = accelerator.prepare(head, optimizer, schedule)
+    sigma_range, eval_sigmas = tuple(config["sigma_range"]), list(config.get("eval_sigmas", [0.03, 0.1, 0.3]))
+    max_atoms = int(config.get("max_atoms", 96))
     lengths = np.array([len(text) for text in train_texts])
-    batches = []  # length-grouped, as in pretraining: little padding in the frozen GPT's forward pass
+    batches: list[np.ndarray] = []
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "refiner_log.jsonl"
     log_path.unlink(missing_ok=True)
+    best, best_state = math.inf, None
     started = time.perf_counter()
-    for step in tqdm(range(1, int(config["max_steps"]) + 1), desc="refiner", unit=" steps",
+    for step in tqdm(range(1, max_steps + 1), desc="refiner", unit=" steps",
                      disable=not accelerator.is_main_process):
         if not batches:
             batches = epoch_batches(lengths, int(config["batch_size"]), step, seed, accelerator.process_index,
                                     accelerator.num_processes)
-        batch_texts = [train_texts[i] for i in batches.pop()]
-        batch = refinement.slot_batch(model, tokenizer, batch_texts, lm_coarse=True, generator=generator,
-                                      vocabulary=vocabulary)
-        head.train()
+        texts = [train_texts[i] for i in batches.pop()]
+        prepared.train()
+        batch, sigma, displacement, strain = _training_batch(texts, head, model, tokenizer, sigma_range, max_atoms,
+                                                             rng)
         with accelerator.autocast():
-            loss = head(batch.hidden, batch.kinds, batch.coarse, batch.clean, batch.mask, sigma_range, generator)
+            loss = prepared(batch, sigma, displacement, strain)
         accelerator.backward(loss)
+        accelerator.clip_grad_norm_(prepared.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
         row = {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - started}
-        if step % int(config.get("eval_every", 200)) == 0 or step == int(config["max_steps"]):
-            row.update(refinement_errors(model, tokenizer, eval_texts, vocabulary, generator))
+        if step % int(config.get("eval_every", 500)) == 0 or step == max_steps:
+            head.eval()
+            errors = refinement.denoising_errors(model, tokenizer, eval_crystals, eval_sigmas, seed=seed)
+            row["eval"] = [asdict(error) for error in errors]
+            # Judged by the mean RMSD after refining over the levels: the checkpoint that denoises best is kept.
+            score = float(np.mean([error.rmsd_after for error in errors]))
+            if score < best:
+                best, best_state = score, copy.deepcopy(accelerator.unwrap_model(prepared).state_dict())
+                row["best"] = True
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
                 log.write(json.dumps(row) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.refiner = accelerator.unwrap_model(head)
+        model.refiner = accelerator.unwrap_model(prepared)
+        if best_state is not None:
+            model.refiner.load_state_dict(best_state)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
-
-
-@torch.no_grad()
-def refinement_errors(model, tokenizer, texts: list[str], vocabulary,
-                      generator: torch.Generator) -> dict[str, float]:
-    """Mean absolute error (normalized units) per kind of the values the LM samples and of the refined ones."""
-    model.refiner.eval()
-    errors: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for start in range(0, len(texts), 64):
-        batch = refinement.slot_batch(model, tokenizer, texts[start:start + 64], lm_coarse=True, generator=generator,
-                                     vocabulary=vocabulary)
-        refined = model.refiner.refine(batch.hidden, batch.kinds, batch.coarse, batch.mask, generator=generator)
-        scale = modeling.SCALES[batch.kinds]
-        for kind, label in enumerate(("length", "angle", "coordinate")):
-            selected = batch.mask & (batch.kinds == kind)
-            counts[label] = counts.get(label, 0.0) + float(selected.sum())
-            for name, values in (("lm", batch.coarse), ("refined", refined)):
-                error = modeling.periodic_difference(values - batch.clean, batch.kinds).abs() / scale
-                key = f"eval_{name}_{label}"
-                errors[key] = errors.get(key, 0.0) + float(error[selected].sum())
-    return {key: total / max(1.0, counts[key.rsplit("_", 1)[1]]) for key, total in errors.items()}
