@@ -32,6 +32,7 @@ from pymatgen.core import Structure
 
 from crystallm.evaluation import reports
 from crystallm.evaluation.hull import HULL_SOURCES, STABLE_E_HULL, ReferenceHull, place_on_hull
+from crystallm.evaluation.pools import worker_pool
 
 APPROXIMATIONS = {
     "energy": "CHGNet (chgnet wheel) energies as they are: already on MP's MP2020-corrected scale (applying the "
@@ -150,13 +151,13 @@ def _relax_star(args) -> dict:
 
 def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | Path,
                       settings: RelaxationSettings = RelaxationSettings(), num_proc: int | None = None,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, ray: str | None = None) -> list[dict]:
     """Relax each (name, structure) and place it on the hull from ../shared/data (`place_on_hull`), in order, with
     a progress bar. Each relaxation is appended to the JSON-lines `cache` as soon as it is known, and names already
     there are not relaxed again (a killed run resumes); the hull placement is recomputed from the cached
-    relaxation every time. Worker processes (default: one per core) each hold a CHGNet.
+    relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
+    `pools.worker_pool`) each hold a CHGNet.
     """
-    import multiprocessing
     import os
 
     from tqdm import tqdm
@@ -165,12 +166,12 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
     cache = Path(cache)
     done = {record["name"]: record for record in reports.read_json_lines(cache)}
     todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
-    num_proc = num_proc or os.cpu_count() or 1
+    num_proc = num_proc or (None if ray else os.cpu_count() or 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache, "a") as handle, tqdm(total=len(structures), initial=len(structures) - len(todo),
                                           desc="relaxing", unit=" structures", disable=not progress) as bar:
-        context = multiprocessing.get_context("spawn") if num_proc > 1 and todo else None
-        with context.Pool(num_proc, _worker_start) if context else contextlib.nullcontext() as pool:
+        pooled = todo and (ray or num_proc > 1)
+        with worker_pool(num_proc, ray, "spawn", _worker_start) if pooled else contextlib.nullcontext() as pool:
             results = pool.imap(_relax_star, todo) if pool else map(_relax_star, todo)
             for record in results:
                 line = json.dumps(record)
@@ -193,11 +194,17 @@ def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
     return [{"rank": rank, **record} for rank, record in enumerate(ordered, 1)]
 
 
+def _statistic(function, records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return float(function(values)) if values else None
+
+
 def summarize_stability(records: list[dict], entries: int, unique: dict[str, bool] | None = None,
                         novel: dict[str, bool] | None = None) -> dict:
     """Rates over all `entries` evaluated (unreadable and invalid ones count as not stable): stable share,
     S.U.N. rate (stable, unique among the samples, novel against the training set: `unique` and `novel` map
-    names to flags), medians of E_hull and RMSD over the relaxed ones, seconds per structure, failures by reason.
+    names to flags), medians of E_hull, RMSD and relaxation steps and mean CHGNet energies before and after over
+    the relaxed ones, seconds per structure, failures by reason.
 
     >>> records = [{"name": "a", "error": "", "e_above_hull": 0.02, "stable": True, "rmsd": 0.1, "seconds": 2.0},
     ...            {"name": "b", "error": "FloatingPointError: the cell exploded", "seconds": 1.0}]
@@ -218,6 +225,9 @@ def summarize_stability(records: list[dict], entries: int, unique: dict[str, boo
         "median_e_above_hull": float(np.median([r["e_above_hull"] for r in relaxed])) if relaxed else None,
         "median_rmsd": float(np.median([r["rmsd"] for r in relaxed])) if relaxed else None,
         "converged": sum(bool(r.get("converged")) for r in relaxed),
+        "median_steps": _statistic(np.median, relaxed, "steps"),
+        "mean_initial_energy_per_atom": _statistic(np.mean, relaxed, "initial_energy_per_atom"),
+        "mean_energy_per_atom": _statistic(np.mean, relaxed, "energy_per_atom"),
         "core_seconds_per_structure": float(np.mean([r["seconds"] for r in records])) if records else None,
         "approximations": APPROXIMATIONS, "sun": None, "sun_rate": None,
     }
