@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -121,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from crystallm.evaluation.relaxation import RelaxationSettings
 
     options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
-                                limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
+                                ray=args.ray, limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
                                 plots=args.plots, records_path=args.records, progress=not args.quiet)
     csp = CSPTask(args.csp, args.csp_ids, tuple(args.attempts)) if args.csp else None
     stability = StabilityTask(RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax,
@@ -143,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.adapters import use_adapter
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
-    from crystallm.generation.run_folder import GenerationFolder, generate_into
+    from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
     from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator, native_bf16
 
     args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
@@ -152,6 +153,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   "value, e.g. --adapter band_gap --target 2.0")
     if args.guidance != 1.0 and not args.adapter:
         raise CrystaLLMInputError("--guidance needs a property target: --adapter NAME --target VALUE")
+    shard, launched = args.shard or (0, 1), None
+    if args.shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`
+        import torch
+        from accelerate import PartialState
+
+        launched = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
+        shard, args.device = (launched.process_index, launched.num_processes), args.device or str(launched.device)
     model, tokenizer = load_generator(args.model, args.device)
     if args.adapter:  # an unknown adapter fails here, listing the model's adapters
         model = use_adapter(model, args.adapter)
@@ -165,14 +173,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
                 "num": args.num,
                 "batch_size": args.batch_size, **sampling, "format_version": text_format.FORMAT_VERSION}
-    folder = GenerationFolder(args.out, settings, resume=args.resume)
-    summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
-                            progress=not args.quiet, **sampling)
+    if shard != (0, 1):  # each shard is a folder of its own, with its own journal and resume
+        folder = GenerationFolder(shard_directory(args.out, shard), settings | {"shard": f"{shard[0]}/{shard[1]}"},
+                                  resume=args.resume)
+        generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
+                      progress=not args.quiet, shard=shard, **sampling)
+        if launched is None:
+            print(f"wrote shard {shard[0]} of {shard[1]} ({folder.finished} structures) to {folder.directory}/; "
+                  f"when every shard is done: crystallm merge {args.out}")
+            return 0
+        launched.wait_for_everyone()
+        if not launched.is_main_process:
+            return 0
+        folder = merge_shards(args.out)
+        summary = folder.finish()
+    else:
+        folder = GenerationFolder(args.out, settings, resume=args.resume)
+        summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
+                                progress=not args.quiet, **sampling)
     print(reports.markdown_table(summary))
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
     if args.rank == "chgnet":
         _rank_by_chgnet(folder, progress=not args.quiet)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Join complete shard folders into one generation folder."""
+    from crystallm.evaluation import reports
+    from crystallm.generation.run_folder import merge_shards
+
+    folder = merge_shards(args.out)
+    print(reports.markdown_table(folder.finish()))
+    print(f"merged {folder.finished} structures into {folder.directory}/")
     return 0
 
 
@@ -252,6 +286,14 @@ GUIDANCE = _number(float, 1, what="a scale of 1 (none) or more")
 SYMPREC = _number(float, 0, low_open=True, what="a tolerance above 0 (Å)")
 
 
+def SHARD(text: str) -> tuple[int, int]:  # an argparse type, named like the others
+    """An argparse type: I/N with 0 <= I < N, e.g. 0/4."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crystallm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", help="folder for PNG plots")
     evaluate.add_argument("--records", help="JSON-lines file of per-structure results, written as they come")
     evaluate.add_argument("--num-proc", type=POSITIVE, default=None, help="worker processes (default: all cores)")
+    evaluate.add_argument("--ray", metavar="local|auto|ADDRESS", help="run the scoring and relaxation workers on a "
+                          "Ray cluster (pip install 'crystallm[ray]'): local starts one here, auto joins the running "
+                          "one, or its address; --num-proc then counts Ray workers (default: every CPU there)")
     evaluate.add_argument("--limit", type=POSITIVE, help="evaluate only the first N entries")
     evaluate.add_argument("--ids", help="evaluate only the entries named in this file, one a line "
                           "(e.g. ../shared/benchmarks/mp20bt-test-csp1000.txt)")
@@ -341,8 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "charge-neutrality test (unconditional and --chemical-system prompts)")
     generate.add_argument("--fp32", action="store_true", help="no bf16 autocast (default: bf16 where the CPU "
                           "computes it natively, AVX512-BF16 or AMX)")
+    generate.add_argument("--shard", type=SHARD, help="I/N: generate only shard I of N (its batches I, I+N, ...) "
+                          "into --out/shard-I-of-N, resumable on its own; `crystallm merge` joins the N shards into "
+                          "the run one process would make. Under `accelerate launch` each process takes its shard "
+                          "and the main process merges")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=cmd_generate)
+
+    merge = commands.add_parser("merge", help="join the shard folders of a generate run (--shard I/N) into one")
+    merge.add_argument("out", help="the --out folder of the shards")
+    merge.set_defaults(run=cmd_merge)
 
     design = commands.add_parser("design", help="property targets -> screened, ranked shortlist of new crystals")
     design.add_argument("--target", action="append", default=[], help="PROPERTY=VALUE[:TOLERANCE], e.g. "

@@ -21,7 +21,7 @@ def main() -> None:
     ids = csp.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
     settings = RelaxationSettings(**config.get("relaxation", {}))
     options = EvaluationOptions(ids=tuple(ids) if ids else None, limit=config.get("limit"),
-                                num_proc=config.get("num_proc"))
+                                num_proc=config.get("num_proc"), ray=config.get("ray"))
     summary = batch.evaluate(config["input"], reference=config.get("reference"),
                              stability=StabilityTask(settings, out / "stability.jsonl"), options=options)
     if config.get("known_column"):

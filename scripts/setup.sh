@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,ray]"

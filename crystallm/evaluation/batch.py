@@ -38,15 +38,17 @@ class StabilityTask:
 class EvaluationOptions:
     """How `evaluate` runs: `coverage` (COV-R/COV-P: CrystalNN fingerprints, slower), `bond_lengths`
     (CrystaLLM's bond-length reasonableness), `ids` (only the entries of these names, e.g. a fixed subset of a
-    split), `limit` (only the first entries), `num_proc` (worker processes; default all cores), `progress`,
-    `records_path` (each structure's record as a JSON line, written as it is scored) and `plots` (a folder for
-    PNG plots)."""
+    split), `limit` (only the first entries), `num_proc` (worker processes; default all cores), `ray` (run the
+    scoring and relaxation workers on a Ray cluster: "local", "auto" or an address; see `pools.worker_pool`),
+    `progress`, `records_path` (each structure's record as a JSON line, written as it is scored) and `plots` (a
+    folder for PNG plots)."""
 
     coverage: bool = False
     bond_lengths: bool = False
     ids: tuple[str, ...] | None = None
     limit: int | None = None
     num_proc: int | None = None
+    ray: str | None = None
     progress: bool = True
     records_path: str | Path | None = None
     plots: str | Path | None = None
@@ -87,7 +89,8 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     records = []
     with open(options.records_path, "w") if options.records_path else contextlib.nullcontext() as handle:
         for record in tqdm(score_entries(entries, fingerprints=options.coverage, bond_lengths=options.bond_lengths,
-                                         num_proc=options.num_proc), desc="scoring", unit=" structures",
+                                         num_proc=options.num_proc, ray=options.ray), desc="scoring",
+                           unit=" structures",
                            disable=not options.progress):
             records.append(record)
             if handle:
@@ -100,7 +103,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     def collection(name: str, fingerprints: bool = False) -> list[ScoredStructure]:
         if str(name) not in scored:
             scored[str(name)] = [r for r in score_entries(iter_entries(name), fingerprints=fingerprints,
-                                                          num_proc=options.num_proc) if not r.error]
+                                                          num_proc=options.num_proc, ray=options.ray) if not r.error]
         return scored[str(name)]
 
     reference_records = collection(reference) if reference else None
@@ -124,8 +127,8 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
         summary["csp_targets"] = f"{csp.targets}" + (f" ({csp.ids_file}, {len(targets)} ids)" if csp.ids_file else "")
     if stability:
         summary["stability"] = _evaluate_stability(records, stability.settings, stability.cache or
-                                                   default_stability_cache(source), options.num_proc,
-                                                   options.progress, with_novelty=reference is not None)
+                                                   default_stability_cache(source), options,
+                                                   with_novelty=reference is not None)
     summary.update(input=str(source), reference=reference, test=test)
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
@@ -150,9 +153,10 @@ def default_stability_cache(source: str | Path) -> Path:
 
 
 def _evaluate_stability(records: list[ScoredStructure], settings: RelaxationSettings, cache: str | Path,
-                        num_proc: int | None, progress: bool, with_novelty: bool) -> dict:
+                        options: EvaluationOptions, with_novelty: bool) -> dict:
     candidates = [(r.name, r.structure) for r in records if not r.error and r.structural_valid]
-    results = stability_records(candidates, cache, settings, num_proc=num_proc, progress=progress)
+    results = stability_records(candidates, cache, settings, num_proc=options.num_proc, progress=options.progress,
+                                ray=options.ray)
     flags = {key: {r.name: bool(getattr(r, key)) for r in records} for key in ("unique", "novel")}
     summary = summarize_stability(results, len(records), flags["unique"] if with_novelty else None,
                                   flags["novel"] if with_novelty else None)

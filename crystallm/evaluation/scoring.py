@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -19,6 +18,7 @@ from pymatgen.core import Structure
 from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import distribution, matching, symmetry_stats, validity
+from crystallm.evaluation.pools import worker_pool
 from crystallm.evaluation.readers import Entry
 from crystallm.io import cif, text_format
 
@@ -148,13 +148,14 @@ def _score_star(args) -> ScoredStructure:
 
 
 def score_entries(entries: Iterable[Entry], fingerprints: bool = False, bond_lengths: bool = False,
-                  num_proc: int | None = None) -> Iterator[ScoredStructure]:
-    """Score entries in worker processes, yielding records in input order as they finish."""
+                  num_proc: int | None = None, ray: str | None = None) -> Iterator[ScoredStructure]:
+    """Score entries in worker processes (on a Ray cluster with `ray`, see `pools.worker_pool`), yielding records
+    in input order as they finish."""
     work = ((entry, fingerprints, bond_lengths) for entry in entries)
-    if num_proc == 1:
+    if num_proc == 1 and ray is None:
         yield from map(_score_star, work)
         return
-    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+    with worker_pool(num_proc, ray) as pool:
         yield from pool.imap(_score_star, work, chunksize=16)
 
 

@@ -217,11 +217,61 @@ def _append_copy(path: Path, append) -> None:
         raise
 
 
+def shard_directory(directory: str | Path, shard: tuple[int, int]) -> Path:
+    """The folder of shard i of n inside a run's folder: a generation folder of its own (journal, resume).
+
+    >>> str(shard_directory("out", (1, 4)))
+    'out/shard-1-of-4'
+    """
+    return Path(directory) / f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def merge_shards(directory: str | Path) -> GenerationFolder:
+    """Merge the complete shard folders `directory/shard-i-of-n` into one generation folder at `directory`, the
+    samples in index order: the same texts as the run made by one process. Raises CrystaLLMInputError, naming
+    what is missing, when a shard is absent or unfinished or the shards' settings differ. The shards are kept.
+
+    >>> merge_shards("no-such-run")
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.CrystaLLMInputError: no-such-run: no shard folders (shard-I-of-N) to merge
+    """
+    directory = Path(directory)
+    found = sorted(directory.glob("shard-*-of-*"))
+    if not found:
+        raise CrystaLLMInputError(f"{directory}: no shard folders (shard-I-of-N) to merge")
+    count = int(found[0].name.rsplit("-", 1)[1])
+    settings, entries = None, []
+    for index in range(count):
+        path = shard_directory(directory, (index, count))
+        if not (path / "run.json").exists():
+            raise CrystaLLMInputError(f"{path}: shard {index} of {count} is missing; run it with "
+                                      f"--shard {index}/{count}")
+        shard_settings = {k: v for k, v in json.loads((path / "run.json").read_text()).items() if k != "shard"}
+        if settings is not None and shard_settings != settings:
+            raise CrystaLLMInputError(f"{path}: its settings differ from shard 0's; shards of one run share them")
+        settings = shard_settings
+        entries += reports.read_json_lines(path / "samples.jsonl")
+    missing = sorted(set(range(settings["num"])) - {e["index"] for e in entries})
+    if missing:
+        raise CrystaLLMInputError(f"{directory}: {len(missing)} samples are not generated yet (e.g. index "
+                                  f"{missing[0]}); finish every shard (run it again with --resume) and merge again")
+    for name in ("samples.jsonl", "cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
+        (directory / name).unlink(missing_ok=True)  # merging again writes the merged run anew
+    merged = GenerationFolder(directory, settings)
+    ordered = sorted(entries, key=lambda e: e["index"])
+    reports.replace_file(merged.journal, "".join(json.dumps(entry) + "\n" for entry in ordered).encode())
+    merged._append_outputs(ordered)
+    merged.finish()
+    return merged
+
+
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
                   names: list[str] | None = None, batch_size: int = 64, progress: bool = True,
-                  **sampling) -> dict:
+                  shard: tuple[int, int] = (0, 1), **sampling) -> dict:
     """Generate the samples the folder does not hold yet (see `generate_structures` for the arguments), writing
-    each batch as it finishes, with a progress bar in structures/s; returns the complete summary.
+    each batch as it finishes, with a progress bar in structures/s; returns the complete summary. With `shard`
+    (i, n) the folder holds only shard i's batches (`merge_shards` joins the n folders).
 
     >>> import tempfile
     >>> from crystallm.generation import load_generator
@@ -233,9 +283,14 @@ def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | 
     """
     from tqdm import tqdm
 
-    samples = generate_structures(model, tokenizer, prompts, num=num, batch_size=batch_size, start=folder.finished,
-                                  **sampling)
-    with tqdm(total=num, initial=min(folder.finished, num), desc="generating", unit=" structures",
+    index, count = shard
+    # This shard's batches are index, index + count, ...: those done are whole batches, so the next one to do is
+    # the (done + 1)-th of them.
+    start = (index + count * (folder.finished // batch_size)) * batch_size
+    owned = sum(min(batch_size, num - first) for first in range(index * batch_size, num, count * batch_size))
+    samples = generate_structures(model, tokenizer, prompts, num=num, batch_size=batch_size, start=start,
+                                  shard=shard, **sampling)
+    with tqdm(total=owned, initial=min(folder.finished, owned), desc="generating", unit=" structures",
               disable=not progress) as bar:
         batch: list[GeneratedSample] = []
         for sample in samples:

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from crystallm.training.collator import epoch_batches
+from crystallm.training.pretrain import make_accelerator
 
 
 def train_adapter(config: dict) -> Path:
@@ -21,7 +22,6 @@ def train_adapter(config: dict) -> Path:
     condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named adapter) with a
     JSON log.
     """
-    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     from crystallm.data import labelled_texts
@@ -32,7 +32,7 @@ def train_adapter(config: dict) -> Path:
     out, name, seed = Path(config["output_dir"]), config["property"], int(config.get("seed", 0))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "bf16"))
+    accelerator = make_accelerator(config)
     model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
     # LoRA on GPT-2's Conv1D layers; the condition tokens' embeddings, never seen in pretraining, are trained too
     # (with LoRA alone a first adapter ignored the value token: the same samples for band gap 0 and 3 eV).

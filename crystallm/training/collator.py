@@ -57,19 +57,21 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, r
                   group: int = 50) -> list[np.ndarray]:
     """This process's batches of row indices for an epoch. Rows are shuffled (seeded by seed and epoch), sorted by
     length within runs of `group` batches so that a batch holds rows of similar length (little padding), cut into
-    batches (the last incomplete one dropped), and the batches shuffled and dealt to the processes in turn.
+    global batches of `batch_size * world` rows (the last incomplete one dropped) and shuffled; each process takes
+    every `world`-th row of each global batch. So `world` processes of `batch_size` see, step for step, the rows
+    one process of `batch_size * world` sees.
 
     >>> [b.tolist() for b in epoch_batches(np.array([5, 1, 5, 1, 5, 1]), 2, epoch=0, seed=0)]
     [[3, 5], [1, 2], [4, 0]]
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    span = batch_size * group
+    size = batch_size * world
+    span = size * group
     order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
                             for chunk in np.split(order, range(span, len(order), span))]) if len(order) else order
-    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches[rank::world]
+    batches = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+    return [batches[i][rank::world] for i in rng.permutation(len(batches))]
 
 
 def held_out_split(texts: list[str], seed: int, rows: int) -> tuple[list[str], list[str]]:

@@ -1,11 +1,12 @@
 """Pretraining: a nanoGPT-style loop on accelerate over the objectives the model's config enables.
 
 Every training loop of crystallm (this one, `crystallm.training.refiner`, `crystallm.training.adapter`) follows
-one convention: an `Accelerator` (bf16 autocast by default), `accelerator.prepare` for the trained module and its
-optimizer, the loss from the model's `forward`, `accelerator.backward`, logs written by the main process.
+one convention: an `Accelerator` (`make_accelerator`; bf16 autocast by default), `accelerator.prepare` for the
+trained module and its optimizer, the loss from the model's `forward`, `accelerator.backward`, logs written by the
+main process.
 
-The loop runs unchanged on CPU, one GPU or several (`accelerate launch`): bf16 autocast where available,
-gradient accumulation, cosine schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly
+The loop runs unchanged on CPU, one GPU or several (`accelerate launch`, CPU processes too; several processes of
+batch B train exactly as one of batch n x B): bf16 autocast where available, gradient accumulation, cosine schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly
 (the batch order of each epoch and every random draw of the collator depend only on the seed, the epoch and the
 batch's content, so a resumed run sees the same batches and masks as an uninterrupted one). The log is JSON lines.
 """
@@ -32,6 +33,35 @@ def _losses(output: CrystaLLMOutput) -> dict[str, torch.Tensor]:
     return {name: value for name, value in named.items() if value is not None}
 
 
+def make_accelerator(config: dict, default_precision: str = "bf16"):
+    """The `Accelerator` of every training loop, from a stage config's `mixed_precision` and
+    `gradient_accumulation_steps`. Without CUDA it is told to use the CPU, so that processes started by
+    `accelerate launch --multi_gpu` or torchrun form one CPU (gloo) group instead of training alone. Under DDP,
+    parameters of an objective that is off (the contrastive projection) get no gradient, which DDP must be told.
+    The processes split each step's rows between them (`epoch_batches`), so the schedule advances once a step
+    (`split_batches`), not once per process."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    return Accelerator(mixed_precision=config.get("mixed_precision", default_precision),
+                       gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)),
+                       cpu=not torch.cuda.is_available(),
+                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _token_weighted(accelerator, losses: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+    """Each process's share of the losses of the whole step: its mean loss times its share of the step's target
+    tokens. Summed over processes, this is the loss one process computes on all the rows, so `world` processes
+    train (and log) exactly as one process with `world` times the batch. DDP averages gradients over the
+    processes, hence the backward pass of `num_processes` times this share. One process: the losses unchanged.
+    """
+    if accelerator.num_processes == 1:
+        return losses
+    targets = batch["attention_mask"][:, 1:].sum().float()  # next-token targets: padding is never one
+    share = targets / accelerator.reduce(targets.detach().clone(), "sum")
+    return {name: value * share for name, value in losses.items()}
+
+
 def pretrain(config: dict) -> Path:
     """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
     `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit).
@@ -40,7 +70,6 @@ def pretrain(config: dict) -> Path:
     line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations;
     held-out losses every `eval_every` steps) and `train_state.json`.
     """
-    from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
     from crystallm import data
@@ -51,8 +80,7 @@ def pretrain(config: dict) -> Path:
     out = Path(config["output_dir"])
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
-    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "bf16"),
-                              gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)))
+    accelerator = make_accelerator(config)
     tokenizer = CrystaLLMTokenizer.from_format()
     texts = data.load_texts(config["corpus"])["text"]
     if config.get("max_rows"):
@@ -101,7 +129,8 @@ def pretrain(config: dict) -> Path:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     losses = _losses(model(**batch))
-                accelerator.backward(losses["loss"])
+                losses = _token_weighted(accelerator, losses, batch)
+                accelerator.backward(losses["loss"] * accelerator.num_processes)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
                 optimizer.step()
@@ -113,7 +142,7 @@ def pretrain(config: dict) -> Path:
             step += 1
             elapsed = time.perf_counter() - started
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                   **{f"train_{k}": float(v.detach()) for k, v in losses.items()},
+                   **{f"train_{k}": float(accelerator.reduce(v.detach(), "sum")) for k, v in losses.items()},
                    "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens,
                    "train_seconds": seconds_before + elapsed}
             if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:

@@ -1,0 +1,35 @@
+"""The worker pools of evaluation and relaxation: local processes, or Ray's drop-in `Pool` on a cluster.
+
+Both are multiprocessing-style pools (`imap` in input order), so scoring and relaxation run the same code either
+way and give the same results; Ray (`pip install 'crystallm[ray]'`) only decides where the workers live.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+
+from crystallm.errors import CrystaLLMInputError
+
+
+def worker_pool(processes: int | None, ray: str | None = None, start_method: str = "fork",
+                initializer: Callable[[], None] | None = None):
+    """A pool of `processes` workers (None: every core, or every CPU of the Ray cluster). `ray`: None for local
+    processes started by `start_method`; "local" for a Ray instance started here; "auto" or an address
+    ("ray://head:10001") to join a running cluster.
+
+    >>> with worker_pool(2) as pool:
+    ...     list(pool.imap(abs, [-1, -2, 3]))
+    [1, 2, 3]
+    """
+    if ray is None:
+        return multiprocessing.get_context(start_method).Pool(processes, initializer)
+    try:
+        from ray.util.multiprocessing import Pool
+    except ImportError:
+        raise CrystaLLMInputError(f"--ray {ray}: Ray is not installed; pip install 'crystallm[ray]'") from None
+    try:
+        return Pool(processes, initializer=initializer, ray_address=ray)
+    except ConnectionError as error:
+        raise CrystaLLMInputError(f"--ray {ray}: no Ray cluster there ({error}); start one with `ray start --head` "
+                                  f"or pass --ray local") from None
