@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=PROBABILITY, default=None)
     generate.add_argument("--max-atoms", type=POSITIVE, help="atoms in the conventional cell, at most (default 160)")
     generate.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                          help="refine lattice and coordinates with the model's diffusion head (default: on when "
-                               "the model has one)")
+                          help="move atoms and cell toward equilibrium with the model's geometry refinement head "
+                               "(default: as the head's config says, when the model has one)")
     generate.add_argument("--symmetrize", action="store_true", help="snap each structure to the symmetry spglib "
                                                                      "finds (symprec 0.1)")
     generate.add_argument("--resume", action="store_true", help="continue the run in --out")

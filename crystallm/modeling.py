@@ -77,12 +77,15 @@ class CrystalRefiner(nn.Module):
     """
 
     def __init__(self, hidden_size: int, width: int = 64, layers: int = 3, radial: int = 16, cutoff: float = 6.0,
-                 max_neighbours: int = 24, lattice_noise: float = 0.2, sigma_start: float = 0.1, steps: int = 4):
+                 max_neighbours: int = 24, lattice_noise: float = 0.2, sigma_start: float = 0.1, steps: int = 4,
+                 on_by_default: bool = True):
         super().__init__()
         # Every argument but the GPT's width, as the model's config saves it: the head is rebuilt from them alone.
         self.settings = {"width": width, "layers": layers, "radial": radial, "cutoff": cutoff,
                          "max_neighbours": max_neighbours, "lattice_noise": lattice_noise,
-                         "sigma_start": sigma_start, "steps": steps}
+                         "sigma_start": sigma_start, "steps": steps, "on_by_default": on_by_default}
+        # Whether `generate` refines when not told: a head ships switched off where it was measured not to help.
+        self.on_by_default = on_by_default
         self.radial, self.cutoff, self.max_neighbours = radial, cutoff, max_neighbours
         # Strain noise (dimensionless) per Å of coordinate noise: both come from one level sigma.
         self.lattice_noise = lattice_noise

@@ -105,6 +105,15 @@ def test_generate_refines_when_the_model_has_a_head_and_can_symmetrize(model_wit
     assert all(s.structure.composition.reduced_formula == "SrTiO3" for s in snapped)
 
 
+def test_a_head_switched_off_by_default_refines_only_when_asked(tokenizer):
+    config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
+                             refiner={"width": 16, "layers": 1, "on_by_default": False})
+    model = CrystaLLMForCausalLM(config).eval()
+    kwargs = dict(num=2, batch_size=2, seed=0, max_atoms=12)
+    assert all(s.final_text == "" for s in generate_structures(model, tokenizer, **kwargs))
+    assert all(s.final_text for s in generate_structures(model, tokenizer, refine=True, **kwargs))
+
+
 def test_refine_needs_a_head(tokenizer):
     model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(CrystaLLMInputError, match="no refinement head"):

@@ -135,7 +135,7 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     floor, or charge neutrality) is drawn again up to RESAMPLE_ATTEMPTS times (`resamples`), then kept with
     the dead ends counted in `fallbacks`. `charge_neutral` lets the model close only formulas that pass SMACT's
     test (unconditional and chemical-system prompts).
-    `refine` (default: when the model has a refinement head) replaces the written lattice and coordinates by the
+    `refine` (default: when the model has a refinement head that is on by default) replaces the written lattice and coordinates by the
     head's continuous values; `symmetrize` snaps each structure to the symmetry spglib finds at symprec 0.1.
 
     Prompts with a property condition need that property's adapter active (`crystallm.adapters.use_adapter`);
@@ -155,8 +155,9 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
             raise CrystaLLMInputError(f"num {num}: give how many samples to generate (0 or more) with a single prompt")
         prompts = [prompts or Prompt()] * num
     prompts = list(prompts)
-    refine = getattr(model, "refiner", None) is not None if refine is None else refine
-    if refine and getattr(model, "refiner", None) is None:
+    head = getattr(model, "refiner", None)
+    refine = head is not None and head.on_by_default if refine is None else refine
+    if refine and head is None:
         raise CrystaLLMInputError("this model has no refinement head (train one with train/refiner.py)")
     adapter_context = _adapter_context(model, prompts, guidance)
     max_length = model.config.n_positions
