@@ -108,7 +108,9 @@ class CrystalRefiner(nn.Module):
         basis, envelope = _radial_basis(distances, self.cutoff, self.radial)
         angles = torch.log(sigma)[:, None] * LEVEL_FREQUENCIES.to(sigma.device)
         level = self.level(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
-        h = self.element(batch.elements) + self.hidden(batch.hidden) + level[batch.crystal]
+        # Elements past Lr (Z > 103; never in the data, possible from an untrained model) share slot 0.
+        elements = torch.where(batch.elements <= MAX_ATOMIC_NUMBER, batch.elements, 0)
+        h = self.element(elements) + self.hidden(batch.hidden) + level[batch.crystal]
         scale = 1.0 / math.sqrt(self.max_neighbours)
         for message, norm in zip(self.messages, self.norms):
             pair = message(torch.cat([h[batch.centers], h[batch.neighbours], basis], dim=-1)) * envelope[:, None]
