@@ -244,13 +244,16 @@ def refine_crystals(model, tokenizer, crystals: list[text_format.CrystalText], s
         # the share of the noise level this step removes.
         fraction = 1.0 - following / sigma
         strains = strain.double().cpu().numpy()
+        # Each crystal's shortest distance now, from the pairs the head just read (the nearest is among them).
+        shortest = torch.full((len(current),), float("inf")).scatter_reduce(
+            0, batch.crystal[batch.centers].cpu(), batch.vectors.norm(dim=-1).cpu(), "amin").tolist()
         for index, (geometry, moves) in enumerate(zip(geometries, _split_by_crystal(batch, displacement))):
             moved = geometry.moved(moves * fraction, strains[index] * fraction)
             try:
                 text_format.crystal_text_to_structure(moved)
             except CrystaLLMInputError:
                 continue
-            floor = min(VALIDITY_DISTANCE, geometry.shortest_distance())
+            floor = min(VALIDITY_DISTANCE, shortest[index])
             if CrystalGeometry.from_crystal(moved).shortest_distance() >= floor:
                 current[index] = moved
     return current
