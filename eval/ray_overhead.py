@@ -16,6 +16,13 @@ from crystallm.evaluation.scoring import score_entries
 from crystallm.stage_config import read_stage_config
 
 
+def _stop_ray() -> None:
+    """Shut down the Ray instance an arm started, so that its daemons do not slow the next local arm."""
+    import ray
+
+    ray.shutdown()
+
+
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
@@ -28,6 +35,8 @@ def main() -> None:
         result = evaluate(config["input"], options=EvaluationOptions(num_proc=processes, ray=ray, progress=False))
         summary[f"scoring_seconds_{pool}"] = time.perf_counter() - started
         scored[pool] = {key: result[key] for key in ("entries", "validity", "uniqueness")}
+        if ray:
+            _stop_ray()
     summary["scoring_entries"] = scored["local"]["entries"]
     summary["scoring_same_results"] = scored["local"] == scored["ray"]
     summary["scoring_ratio"] = summary["scoring_seconds_ray"] / summary["scoring_seconds_local"]
@@ -42,6 +51,8 @@ def main() -> None:
         started = time.perf_counter()
         relaxed[pool] = stability_records(structures, cache, settings, num_proc=processes, progress=False, ray=ray)
         summary[f"relaxation_seconds_{pool}"] = time.perf_counter() - started
+        if ray:
+            _stop_ray()
     summary["relaxed"] = len(structures)
     summary["relaxation_max_energy_difference"] = max(
         abs(a["energy_per_atom"] - b["energy_per_atom"]) for a, b in zip(relaxed["local"], relaxed["ray"])

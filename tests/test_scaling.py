@@ -2,6 +2,7 @@
 with two processes, and the scoring and relaxation pools on a Ray cluster."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from crystallm.cli import main
 from crystallm.errors import CrystaLLMInputError
+from crystallm.evaluation.pools import worker_pool
 from crystallm.generation.run_folder import merge_shards
 
 
@@ -108,6 +110,14 @@ def local_ray():
 
 
 @pytest.mark.slow
+def test_local_workers_start_with_one_thread_each(monkeypatch):
+    # Two OpenMP/BLAS threads per worker on a worker per core made local relaxations 1.7x slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    with worker_pool(1, start_method="spawn") as pool:
+        seen = pool.apply(os.getenv, ("OMP_NUM_THREADS",))
+    assert seen == "1" and os.environ["OMP_NUM_THREADS"] == "4"  # the parent's own setting is left as it was
+
+
 def test_scoring_on_ray_gives_the_local_pool_results(local_ray):
     from crystallm.evaluation.batch import EvaluationOptions, evaluate
 

@@ -6,10 +6,31 @@ way and give the same results; Ray (`pip install 'crystallm[ray]'`) only decides
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 from collections.abc import Callable
 
 from crystallm.errors import CrystaLLMInputError
+
+# Read by OpenMP, OpenBLAS and MKL when a process loads them: a worker per core wants one thread each (two
+# threads per worker on two cores made local CHGNet relaxations 2x slower than Ray's workers, which set these).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_thread_each():
+    """Spawned workers inherit the environment as it is while the pool starts them."""
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update({name: "1" for name in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def worker_pool(processes: int | None, ray: str | None = None, start_method: str = "fork",
@@ -23,7 +44,8 @@ def worker_pool(processes: int | None, ray: str | None = None, start_method: str
     [1, 2, 3]
     """
     if ray is None:
-        return multiprocessing.get_context(start_method).Pool(processes, initializer)
+        with _one_thread_each():
+            return multiprocessing.get_context(start_method).Pool(processes, initializer)
     try:
         from ray.util.multiprocessing import Pool
     except ImportError:
