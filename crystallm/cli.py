@@ -123,18 +123,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
                                 ray=args.ray, limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
-                                plots=args.plots, records_path=args.records, progress=not args.quiet)
+                                plots=args.plots, records_path=args.records, progress=not args.quiet,
+                                neighbours=args.neighbours)
     csp = CSPTask(args.csp, args.csp_ids, tuple(args.attempts)) if args.csp else None
     stability = StabilityTask(RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax,
                                                  max_seconds=args.relax_seconds), args.stability_cache) \
         if args.stability else None
-    summary = evaluate(args.input, reference=args.reference, test=args.test, csp=csp, stability=stability,
+    reference = args.reference
+    if args.reference_embeddings:
+        if not args.reference:
+            raise CrystaLLMInputError("--reference-embeddings: name the reference collection with --reference too")
+        from crystallm.properties.embedding import knn_reference
+
+        reference = knn_reference(args.reference, args.reference_embeddings)
+    summary = evaluate(args.input, reference=reference, test=args.test, csp=csp, stability=stability,
                        options=options)
     print(reports.markdown_table(summary))
     if args.json:
         reports.write_json(summary, args.json)
     if args.markdown:
         reports.write_markdown(summary, args.markdown)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed a collection (one unit vector a structure, safetensors); with --nearest, list each structure's
+    nearest entries of an embedded reference."""
+    from crystallm.evaluation import reports
+    from crystallm.evaluation.readers import iter_entries
+    from crystallm.evaluation.reference import Embeddings
+    from crystallm.properties.embedding import embed_entries
+
+    reference = Embeddings.from_file(args.nearest) if args.nearest else None  # a bad file fails before the work
+    model = args.model or (reference.model if reference else None)
+    embeddings = embed_entries(list(iter_entries(args.input)), model, source=str(args.input))
+    embeddings.save(args.out)
+    print(f"{len(embeddings.names)} embeddings of {args.input} by {embeddings.model} -> {args.out}")
+    if reference:
+        if reference.model != embeddings.model:
+            raise CrystaLLMInputError(f"{args.nearest}: embedded by {reference.model}, not {embeddings.model}; "
+                                      f"embed both with the same model")
+        nearest = reference.nearest(embeddings.vectors, args.top)
+        path = Path(args.out).with_suffix(".nearest.jsonl")
+        reports.write_json_lines([{"name": name, "nearest": [{"name": n, "cosine": round(c, 4)} for n, c in row]}
+                                  for name, row in zip(embeddings.names, nearest)], path)
+        print(f"the {args.top} nearest entries of {reference.source or args.nearest} for each -> {path}")
     return 0
 
 
@@ -247,6 +280,32 @@ def cmd_design(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_substitute(args: argparse.Namespace) -> int:
+    """A known crystal -> its element substitutions ranked by the masked-atom pass, as CIFs and candidates.csv."""
+    from crystallm.evaluation.relaxation import RelaxationSettings
+    from crystallm.generation.sampling import load_generator
+    from crystallm.substitute import write_substitutions
+
+    text = _text_or_cif(args.structure)
+    model, tokenizer = load_generator(args.model, args.device)
+    rows = write_substitutions(model, tokenizer, text, args.out, args.element, args.sites, args.top,
+                               args.charge_neutral, RelaxationSettings(steps=args.relax_steps) if args.relax else None,
+                               progress=not args.quiet)
+    for row in rows:
+        energy = f"  E_hull {row['e_above_hull']} eV/atom" if row.get("e_above_hull") is not None else ""
+        print(f"{row['rank']:>3}  {row['replaced']} -> {row['element']:<3} {row['formula']:<14} "
+              f"log p {row['log_probability']:.3f}{energy}")
+    print(f"wrote {args.out}/candidates.csv and {len(rows)} CIFs")
+    return 0
+
+
+def SITES(text: str) -> list[int]:  # an argparse type, named like the others
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: site rows as numbers separated by commas, e.g. 0,2") from None
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     """Push a model folder (with its adapters and a generated model card) to the Hugging Face Hub."""
     from crystallm.hub import push_to_hub
@@ -322,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("input", help="cifs.zip, a folder of CIFs, an extxyz, a CSV with a cif or text column, "
                                         "a `crystallm generate` output folder, or a split such as mp20-bt/test")
     evaluate.add_argument("--reference", help="training set for novelty (split such as mp20-bt/train, or a file)")
+    evaluate.add_argument("--reference-embeddings", metavar="FILE", help="the reference's `crystallm embed` "
+                          "file: match each structure against its --neighbours nearest same-formula entries only")
+    evaluate.add_argument("--neighbours", type=POSITIVE, default=10, help="with --reference-embeddings (default 10)")
     evaluate.add_argument("--test", help="test set for Wasserstein distances and coverage (e.g. mp20-bt/test)")
     evaluate.add_argument("--csp", help="CSP targets (e.g. mp20-bt/test); input entries are named <id>[__<k>]")
     evaluate.add_argument("--csp-ids", help="file of target ids, one a line (../shared/benchmarks/*.txt)")
@@ -348,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "(e.g. ../shared/benchmarks/mp20bt-test-csp1000.txt)")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    embed = commands.add_parser("embed", help="embedding vectors of structures; their nearest known materials")
+    embed.add_argument("input", help="any collection `evaluate` reads (CIFs, a generate folder, a CSV, a split)")
+    embed.add_argument("--out", required=True, help="the .safetensors file to write (names in its metadata)")
+    embed.add_argument("--model", help="model folder or Hub id (default: the shipped model, or --nearest's model)")
+    embed.add_argument("--nearest", metavar="FILE", help="an embedded reference: write each structure's nearest "
+                       "entries of it to OUT.nearest.jsonl")
+    embed.add_argument("--top", type=POSITIVE, default=5, help="how many nearest entries (default 5)")
+    embed.set_defaults(run=cmd_embed)
 
     generate = commands.add_parser("generate", help="generate crystal structures (default: the shipped model)")
     generate.add_argument("--model", help="a model folder (save_pretrained) or Hub id; default: the shipped model")
@@ -414,6 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     design.add_argument("--quiet", action="store_true", help="no progress bars")
     design.set_defaults(run=cmd_design)
+
+    substitute = commands.add_parser("substitute", help="rank element substitutions of a known crystal "
+                                     "(masked-atom pass), optionally relaxed by CHGNet")
+    substitute.add_argument("structure", type=Path, help="a CIF or a crystallm text file")
+    which = substitute.add_mutually_exclusive_group(required=True)
+    which.add_argument("--element", help="replace this element on every orbit it occupies")
+    which.add_argument("--sites", type=SITES, help="replace the element of these rows of the asymmetric unit "
+                       "(0-based, as `crystallm serialize` lists them; one element)")
+    substitute.add_argument("--top", type=POSITIVE, default=10, help="how many candidates (default 10)")
+    substitute.add_argument("--charge-neutral", action="store_true", help="keep SMACT charge-neutral formulas only")
+    substitute.add_argument("--relax", action="store_true", help="relax each candidate with CHGNet; E_hull against "
+                            "the approximate hull (resumable through OUT/stability.jsonl)")
+    substitute.add_argument("--relax-steps", type=POSITIVE, default=100, help="FIRE steps at most per structure")
+    substitute.add_argument("--out", required=True, help="output folder")
+    substitute.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
+    substitute.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    substitute.add_argument("--quiet", action="store_true")
+    substitute.set_defaults(run=cmd_substitute)
 
     push = commands.add_parser("push", help="push a model folder, its adapters and a model card to the Hub")
     push.add_argument("model_dir", help="a model folder (save_pretrained layout, adapters in adapters/<name>/)")

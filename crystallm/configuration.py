@@ -21,7 +21,7 @@ class CrystaLLMConfig(GPT2Config):
 
     def __init__(self, vocab_size: int = 1394, n_positions: int = 512, n_embd: int = 256, n_layer: int = 6,
                  n_head: int = 8, clm_weight: float = 1.0, masked_atom_weight: float = 0.0,
-                 contrastive_weight: float = 0.0, mask_probability: float = 0.3, contrastive_dim: int = 128,
+                 contrastive_weight: float = 0.0, contrastive_dim: int = 128,
                  contrastive_temperature: float = 0.1, bos_token_id: int = 1, eos_token_id: int = 2,
                  pad_token_id: int = 0, mask_token_id: int = 4, refiner: dict | None = None, **kwargs):
         for dropout in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
@@ -29,7 +29,6 @@ class CrystaLLMConfig(GPT2Config):
         self.clm_weight = clm_weight
         self.masked_atom_weight = masked_atom_weight
         self.contrastive_weight = contrastive_weight
-        self.mask_probability = mask_probability
         self.contrastive_dim = contrastive_dim
         self.contrastive_temperature = contrastive_temperature
         self.mask_token_id = mask_token_id

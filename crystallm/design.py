@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from crystallm import data
 from crystallm.adapters import available_adapters, use_adapter
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import matching, reports
+from crystallm.evaluation.reference import ReferenceSet
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records
 from crystallm.evaluation.validity import compositional_validity
 from crystallm.generation.conditioning import check_target
 from crystallm.generation.prompt import Prompt, parse_chemical_system
 from crystallm.generation.run_folder import GenerationFolder, generate_into
-from crystallm.io import cif, text_format
+from crystallm.io import cif
 from crystallm.model_folder import TRAINING_CORPUS, loaded_from
 from crystallm.properties.surrogates import load_surrogate
 
@@ -148,17 +148,6 @@ def score(predicted: dict[str, float], targets: list[Target], e_hull: float, e_h
     return float(distance + max(e_hull, 0.0) / e_hull_max + (P1_PENALTY if space_group in (None, 1) else 0.0))
 
 
-def _training_formulas(model_folder: Path) -> dict[str, list[str]]:
-    """The texts the model was trained on by pymatgen's reduced formula of the formula on their first line (where
-    the format writes it), so candidates are compared with the training structures of their own formula only."""
-    corpus = data.load_texts(model_folder / TRAINING_CORPUS)
-    by_formula: dict[str, list[str]] = {}
-    for text in corpus["text"]:
-        formula = Composition(text.split("\n", 1)[0][len(text_format.DATA_PREFIX):]).reduced_formula
-        by_formula.setdefault(formula, []).append(text)
-    return by_formula
-
-
 def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bool = True) -> dict:
     """Run a checked plan into the folder `out`: `generated/<property>/` (resumable generation), `stability.jsonl`
     (relaxations, resumable), `candidates.csv` (every candidate that reached the surrogate screen),
@@ -188,10 +177,8 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
     structures = {i: records[i].structure for i in valid}
     unique = [i for i, keep in zip(valid, matching.unique_mask([structures[i] for i in valid])) if keep]
     funnel["unique"] = len(unique)
-    training = _training_formulas(folder_of_model)
-    formulas = {records[i].formula for i in unique}
-    reference = [text_format.parse_structure(text) for f in formulas for text in training.get(f, [])]
-    novel = [i for i, keep in zip(unique, matching.novel_mask([structures[i] for i in unique], reference)) if keep]
+    reference = ReferenceSet.from_collection(folder_of_model / TRAINING_CORPUS)
+    novel = [i for i, keep in zip(unique, reference.novel_mask([structures[i] for i in unique])) if keep]
     funnel["novel"] = len(novel)
 
     predicted: dict[int, dict[str, float]] = {i: {} for i in novel}
@@ -214,7 +201,7 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
                      "space_group": records[i].space_group_0_1,
                      **{f"predicted_{k}": round(v, 4) for k, v in predicted[i].items()},
                      "e_above_hull": None if result["error"] else round(result["e_above_hull"], 4),
-                     "relax_error": result["error"], "formula_in_training_data": records[i].formula in training,
+                     "relax_error": result["error"], "formula_in_training_data": records[i].formula in reference.groups,
                      "score": None if result["error"] else round(score(predicted[i], plan.targets,
                                                                        result["e_above_hull"], plan.e_hull_max,
                                                                        records[i].space_group_0_1), 4)})

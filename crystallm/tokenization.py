@@ -48,8 +48,29 @@ def encode_texts(tokenizer, texts: list[str], max_length: int):
 
 
 def row_element_token_ids(tokenizer) -> list[int]:
-    """Ids of the element tokens that start atom-site rows ("\\nGa"): what masked-atom prediction masks."""
+    """Ids of the element tokens that start atom-site rows ("\\nGa")."""
     return tokenizer.convert_tokens_to_ids(["\n" + symbol for symbol in text_format.element_symbols()])
+
+
+def formula_element_token_ids(tokenizer) -> list[int]:
+    """Ids of the element tokens of the formula line ("Ga"), in the order of `row_element_token_ids`."""
+    return tokenizer.convert_tokens_to_ids(list(text_format.element_symbols()))
+
+
+def element_positions(tokenizer, input_ids, symbol: str):
+    """Where a text's ids carry `symbol`: in its formula and at the start of its site rows (a bool tensor). An
+    element masked at all of them is hidden from a bidirectional pass, so predicting it is substitution.
+
+    >>> tokenizer = CrystaLLMTokenizer.from_format()
+    >>> ids = tokenizer("data_NaCl\\n" + text_format.LOOP_HEADER + "\\nNa 1a . . .\\nCl 1b . . .",
+    ...                 return_tensors="pt")["input_ids"]
+    >>> element_positions(tokenizer, ids, "Cl").nonzero()[:, 1].tolist()
+    [3, 10]
+    """
+    import torch
+
+    wanted = torch.tensor(tokenizer.convert_tokens_to_ids([symbol, "\n" + symbol]))
+    return torch.isin(input_ids, wanted)
 
 
 class CrystaLLMTokenizer(PreTrainedTokenizerFast):

@@ -2,8 +2,8 @@
 
     python eval/ablation.py configs/eval-ablation.yaml
 
-(a) causal-LM loss on mp20-bt test texts, (b) masked-atom accuracy (bidirectional pass) on them, (c) retrieval
-top-1 of a site-shuffled serialization within batches of 32, (d) MAE of a linear probe of formation energy from
+(a) causal-LM loss on mp20-bt test texts, (b) masked-element accuracy (bidirectional pass, one element hidden
+everywhere) on them, (c) retrieval top-1 of a hard view (`text_format.hard_view`) among all the test texts, (d) MAE of a linear probe of formation energy from
 pooled embeddings, fitted on mp20-bt train rows of the pretraining corpus and scored on mp20-bt test.
 Writes `<output_dir>/summary.json` and `summary.md`.
 """

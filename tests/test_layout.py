@@ -18,7 +18,7 @@ LAYERS = [
     {"generation"},
     {"properties"},
     {"training"},
-    {"design", "hub", "model_card"},
+    {"design", "substitute", "hub", "model_card"},
     {"cli"},
 ]
 

@@ -9,6 +9,8 @@ from pymatgen.core.operations import SymmOp
 
 from crystallm import data
 from crystallm.evaluation import distribution, matching, symmetry_stats, validity
+from crystallm.evaluation.readers import Entry
+from crystallm.evaluation.reference import ReferenceSet
 from crystallm.io.cif import structure_from_cif
 
 
@@ -44,8 +46,9 @@ def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
     rotated = structures[0].copy()
     rotated.apply_operation(SymmOp.from_axis_angle_and_translation([1, 2, 3], 33))
     assert matching.unique_mask(structures + [rotated]) == [True] * 10 + [False]
-    assert matching.novel_mask(structures[:3], structures) == [False] * 3
-    assert matching.novel_mask(structures[:3], structures[3:]) == [True] * 3
+    entries = [Entry(str(i), "structure", s) for i, s in enumerate(structures)]
+    assert ReferenceSet("all", entries).novel_mask(structures[:3]) == [False] * 3
+    assert ReferenceSet("others", entries[3:]).novel_mask(structures[:3]) == [True] * 3
 
 
 def test_csp_of_structures_against_themselves(mp20_test_slice):

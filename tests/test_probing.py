@@ -18,8 +18,9 @@ def test_probing_measures_on_a_tiny_model():
     loss = probes.causal_lm_loss(model, collator, texts)
     assert abs(loss - np.log(len(tokenizer))) < 1.0  # untrained: near uniform
     assert probes.masked_atom_accuracy(model, collator, texts) < 0.2  # untrained: near chance over ~90 elements
-    # A site-shuffled view holds the same tokens, so even untrained pooled embeddings find it far above chance (1/8).
-    assert probes.retrieval_top1(model, collator, texts, batch_size=8) > 0.5
+    # A hard view keeps most tokens (elements, the group, the formula), so even untrained pooled embeddings find it
+    # among 96 crystals far above chance (1/96), but not always.
+    assert 0.1 < probes.retrieval_top1(model, collator, texts) < 1.0
     targets = np.array([len(t) for t in texts], dtype=float)  # a target the embeddings can carry
     mae = probes.linear_probe_mae(model, collator, texts[:64], targets[:64], texts[64:], targets[64:])
     assert mae < np.mean(np.abs(targets[64:] - targets[:64].mean()))  # better than predicting the mean

@@ -16,6 +16,7 @@ from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import distribution, reports
 from crystallm.evaluation.csp import CSPTask, evaluate_csp, read_ids
 from crystallm.evaluation.readers import iter_entries
+from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
 from crystallm.evaluation.scoring import ScoredStructure, score_entries, summarize
 
@@ -40,8 +41,10 @@ class EvaluationOptions:
     (CrystaLLM's bond-length reasonableness), `ids` (only the entries of these names, e.g. a fixed subset of a
     split), `limit` (only the first entries), `num_proc` (worker processes; default all cores), `ray` (run the
     scoring and relaxation workers on a Ray cluster: "local", "auto" or an address; see `pools.worker_pool`),
-    `progress`, `records_path` (each structure's record as a JSON line, written as it is scored) and `plots` (a
-    folder for PNG plots)."""
+    `progress`, `records_path` (each structure's record as a JSON line, written as it is scored), `plots` (a
+    folder for PNG plots), and `neighbours` for novelty against a reference with embeddings
+    (`properties.embedding.knn_reference`): each structure is matched against that many nearest same-formula
+    entries only."""
 
     coverage: bool = False
     bond_lengths: bool = False
@@ -52,6 +55,7 @@ class EvaluationOptions:
     progress: bool = True
     records_path: str | Path | None = None
     plots: str | Path | None = None
+    neighbours: int = 10
 
 
 def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputError:
@@ -60,11 +64,12 @@ def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputErro
                                f"rows){found}")
 
 
-def evaluate(source: str | Path, reference: str | None = None, test: str | None = None, csp: CSPTask | None = None,
-             stability: StabilityTask | None = None, options: EvaluationOptions = EvaluationOptions()) -> dict:
+def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, test: str | None = None,
+             csp: CSPTask | None = None, stability: StabilityTask | None = None,
+             options: EvaluationOptions = EvaluationOptions()) -> dict:
     """Evaluate a collection (see `readers.iter_entries`) and return the summary: validity, symmetry,
-    uniqueness; novelty against `reference` (the training set); Wasserstein distances and coverage against
-    `test`; CSP match rates (`csp`); stability, and S.U.N. with a `reference` (`stability`). Files in a zip or
+    uniqueness; novelty against `reference` (the training set: a collection, or a `ReferenceSet`); Wasserstein
+    distances and coverage against `test`; CSP match rates (`csp`); stability, and S.U.N. with a `reference` (`stability`). Files in a zip or
     folder that are not structure files are listed under `skipped`; a collection with no structure at all
     raises CrystaLLMInputError.
 
@@ -106,11 +111,13 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
                                                           num_proc=options.num_proc, ray=options.ray) if not r.error]
         return scored[str(name)]
 
-    reference_records = collection(reference) if reference else None
     test_records = collection(test, options.coverage) if test else None
     benchmark = str(test or "").partition("/")[0]
-    summary = summarize(records, reference_records, test_records,
-                        COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS))
+    summary = summarize(records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS))
+    if reference:
+        reference_set = reference if isinstance(reference, ReferenceSet) else ReferenceSet.from_collection(reference)
+        summary.update(summarize_novelty(records, reference_set, options.neighbours))
+        reference = reference_set.source
     if skipped:
         summary["skipped"] = {"files": len(skipped), "names": skipped}
     if csp:
@@ -133,7 +140,7 @@ def evaluate(source: str | Path, reference: str | None = None, test: str | None 
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
     if options.plots:
-        reports.write_plots(records, test_records or reference_records, options.plots)
+        reports.write_plots(records, test_records or (collection(reference) if reference else None), options.plots)
     return summary
 
 

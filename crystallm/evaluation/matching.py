@@ -1,8 +1,9 @@
-"""Uniqueness, novelty and crystal-structure-prediction matching with pymatgen's StructureMatcher.
+"""Uniqueness and crystal-structure-prediction matching with pymatgen's StructureMatcher (novelty against a
+reference collection: `crystallm.evaluation.reference`).
 
 An exact pre-filter keeps the work near linear: StructureMatcher (without supercells) only matches structures
-of the same reduced formula whose reduced cells (its own Niggli + primitive reduction) hold as many sites, so
-only pairs that share both reach it.
+of the same reduced formula whose reduced cells (its own Niggli + primitive reduction) hold as many sites
+(`match_key`), so only pairs that share both reach it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pymatgen.core import Structure
 CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # DESIGN.md section 5
 
 
-def _match_key(structure: Structure) -> tuple[str, int]:
+def match_key(structure: Structure) -> tuple[str, int]:
     # StructureMatcher's own (cached) reduction, so the key agrees with what fit() compares.
     reduced = StructureMatcher._get_reduced_structure(structure, primitive_cell=True, niggli=True)
     return structure.composition.reduced_formula, len(reduced)
 
 
-def _check_matcher(matcher: StructureMatcher | None) -> StructureMatcher:
+def check_matcher(matcher: StructureMatcher | None) -> StructureMatcher:
     matcher = matcher or StructureMatcher()
     if getattr(matcher, "_supercell", False) or getattr(matcher, "_subset", False):
         raise ValueError("the site-count pre-filter is exact only for matchers without supercells or subsets")
@@ -33,7 +34,7 @@ def _check_matcher(matcher: StructureMatcher | None) -> StructureMatcher:
 def _by_key(structures: list[Structure]) -> dict[tuple[str, int], list[int]]:
     groups: dict[tuple[str, int], list[int]] = defaultdict(list)
     for index, structure in enumerate(structures):
-        groups[_match_key(structure)].append(index)
+        groups[match_key(structure)].append(index)
     return groups
 
 
@@ -46,7 +47,7 @@ def unique_mask(structures: list[Structure], matcher: StructureMatcher | None = 
     >>> unique_mask([a, a.copy(), layered])
     [True, False, True]
     """
-    matcher = _check_matcher(matcher)
+    matcher = check_matcher(matcher)
     mask = [True] * len(structures)
     for indices in _by_key(structures).values():
         kept: list[int] = []
@@ -56,15 +57,6 @@ def unique_mask(structures: list[Structure], matcher: StructureMatcher | None = 
             else:
                 kept.append(index)
     return mask
-
-
-def novel_mask(structures: list[Structure], reference: list[Structure],
-               matcher: StructureMatcher | None = None) -> list[bool]:
-    """True for each structure that matches no structure of the reference (training) set."""
-    matcher = _check_matcher(matcher)
-    reference_groups = _by_key(reference)
-    return [not any(matcher.fit(structure, reference[other]) for other in reference_groups.get(_match_key(structure), ()))
-            for structure in structures]
 
 
 @dataclass

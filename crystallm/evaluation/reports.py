@@ -24,6 +24,11 @@ def replace_file(path: Path, content: bytes) -> None:
     scratch.replace(path)
 
 
+def write_json_lines(rows: list[dict], path: str | Path) -> None:
+    """Rows as a JSON-lines file, replaced atomically."""
+    replace_file(Path(path), "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
 def read_json_lines(path: str | Path) -> Iterator[dict]:
     """The records of a JSON-lines file written as results come (a journal, a cache); a last line cut short by a
     kill ends them. A missing file has none.

@@ -73,7 +73,7 @@ class ScoredStructure:
         return fields | {"valid": self.valid}
 
 
-def _structure_of(entry: Entry) -> tuple[Structure, str | None, int | None]:
+def structure_of_entry(entry: Entry) -> tuple[Structure, str | None, int | None]:
     """The structure of an entry, with its stated formula and space group where the entry states them."""
     if entry.kind == "structure":
         return entry.payload, None, None
@@ -90,7 +90,7 @@ def _structure_of(entry: Entry) -> tuple[Structure, str | None, int | None]:
 def score_entry(entry: Entry, fingerprints: bool = False, bond_lengths: bool = False) -> ScoredStructure:
     """The record of one entry; `error` holds the reason where it could not be read or scored."""
     try:
-        structure, stated_formula, stated_group = _structure_of(entry)
+        structure, stated_formula, stated_group = structure_of_entry(entry)
     except (CrystaLLMInputError, ValueError, KeyError, IndexError, TypeError) as error:
         return ScoredStructure(entry.name, error=f"{type(error).__name__}: {error}")
     return score_structure(entry.name, structure, stated_formula, stated_group, fingerprints, bond_lengths)
@@ -174,15 +174,14 @@ def _reason(record: ScoredStructure) -> str:
     return " ".join(words[:5]).rstrip(":")
 
 
-def summarize(records: list[ScoredStructure], reference: list[ScoredStructure] | None = None,
-              test: list[ScoredStructure] | None = None,
+def summarize(records: list[ScoredStructure], test: list[ScoredStructure] | None = None,
               coverage_cutoffs: dict[str, float] | None = None, uniqueness: bool = True) -> dict:
     """Set-level metrics of scored records (see README for every key).
 
     Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
-    valid structures; novelty is over unique valid structures against `reference` (the training set).
-    `uniqueness=False` leaves out the pairwise matching (for summaries rewritten while a run goes on).
-    Each valid record gets its flags `unique` (and `novel`, with a reference) for per-structure use (S.U.N.).
+    valid structures (novelty against a reference: `reference.summarize_novelty`). `uniqueness=False` leaves
+    out the pairwise matching (for summaries rewritten while a run goes on). Each valid record gets its flag
+    `unique` for per-structure use (S.U.N.).
     """
     scored = [r for r in records if not r.error]
     valid = [r for r in scored if r.valid]
@@ -213,20 +212,11 @@ def summarize(records: list[ScoredStructure], reference: list[ScoredStructure] |
             if scored and scored[0].bond_length_score is not None else None,
         },
     }
-    if uniqueness or reference is not None:
-        structures = [r.structure for r in valid]
-        unique = matching.unique_mask(structures)
+    if uniqueness:
+        unique = matching.unique_mask([r.structure for r in valid])
         summary["uniqueness"] = sum(unique) / len(valid) if valid else None
         for record, flag in zip(valid, unique):
             record.unique = flag
-    if reference is not None:
-        reference_structures = [r.structure for r in reference]
-        unique_structures = [s for s, u in zip(structures, unique) if u]
-        novel = matching.novel_mask(unique_structures, reference_structures)
-        for record, flag in zip([r for r, u in zip(valid, unique) if u], novel):
-            record.novel = flag
-        summary["novelty"] = sum(novel) / len(unique_structures) if unique_structures else None
-        summary["reference_size"] = len(reference)
     if test is not None:
         summary["wasserstein"] = distribution.wasserstein_distances(
             [r.density for r in valid], [r.n_elements for r in valid],

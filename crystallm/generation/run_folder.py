@@ -260,7 +260,7 @@ def merge_shards(directory: str | Path) -> GenerationFolder:
         (directory / name).unlink(missing_ok=True)  # merging again writes the merged run anew
     merged = GenerationFolder(directory, settings)
     ordered = sorted(entries, key=lambda e: e["index"])
-    reports.replace_file(merged.journal, "".join(json.dumps(entry) + "\n" for entry in ordered).encode())
+    reports.write_json_lines(ordered, merged.journal)
     merged._append_outputs(ordered)
     merged.finish()
     return merged

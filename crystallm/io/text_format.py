@@ -144,6 +144,35 @@ def shuffle_sites(text: str, rng) -> str:
     return head + LOOP_HEADER + "\n" + "\n".join(lines[i] for i in rng.permutation(len(lines)))
 
 
+def hard_view(text: str, rng, noise: float = 0.03, volume_change: float = 0.02) -> str:
+    r"""The same crystal written another way, hard to match by its tokens: atoms moved by up to `noise` Å, the
+    volume scaled by up to `volume_change` (both keep the symmetry at the format's tolerance), then a description
+    drawn from its others (another origin or Wyckoff set, where the group has one) with its rows shuffled. A
+    supercell or the primitive cell would give the canonical text again: the format is invariant to them.
+    `rng` is a numpy Generator.
+
+    >>> import numpy as np
+    >>> text = serialize_structure(Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+    ...                                                      [[0, 0, 0], [.5, .5, .5]]))
+    >>> view = hard_view(text, np.random.default_rng(0))
+    >>> view != text, bool(parse_structure(view).matches(parse_structure(text)))
+    (True, True)
+    """
+    structure = parse_structure(text)
+    structure.scale_lattice(structure.volume * (1 + rng.uniform(-volume_change, volume_change)))
+    displacement = rng.normal(size=(len(structure), 3))
+    displacement *= rng.uniform(0, noise, size=(len(structure), 1)) / np.linalg.norm(displacement, axis=1,
+                                                                                        keepdims=True)
+    moved = Structure(structure.lattice, structure.species, structure.cart_coords + displacement,
+                      coords_are_cartesian=True)
+    try:
+        options = [format_crystal_text(d) for d in descriptions(moved)]
+    except InvalidStructureError:  # noise that breaks the analysis: the unmoved crystal's descriptions
+        options = [format_crystal_text(d) for d in descriptions(structure)]
+    others = [option for option in options if option != text] or options
+    return shuffle_sites(others[rng.integers(len(others))], rng)
+
+
 def split_lexemes(text: str) -> list[str]:
     """Split a text into lexemes (what the tokenizer does before mapping them to ids).
 
@@ -257,23 +286,35 @@ def _check_orderable(structure: Structure) -> None:
 
 
 def crystal_text_of(structure: Structure, symprec: float = symmetry.DEFAULT_SYMPREC) -> CrystalText:
-    """Analyse a structure into the content of its canonical text.
+    """Analyse a structure into the content of its canonical text: the smallest text of its `descriptions`."""
+    return min(descriptions(structure, symprec), key=format_crystal_text)
+
+
+def descriptions(structure: Structure, symprec: float = symmetry.DEFAULT_SYMPREC) -> list[CrystalText]:
+    """Every description of the structure the format allows: one per origin choice of the space group's
+    normalizer (another origin, inversion, another Wyckoff set; for polar groups, a sliding origin pinned on
+    each candidate first site). The same crystal written differently: hard views for contrastive pretraining.
 
     Where spglib's standardized positions at `symprec` do not sit on their Wyckoff positions (noisy cells on
     the edge of a higher symmetry), tighter tolerances (symprec / 10, / 100) are tried.
+
+    >>> from pymatgen.core import Lattice
+    >>> rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    >>> sorted({format_crystal_text(d).split(chr(10))[-1] for d in descriptions(rocksalt)})  # Cl on 4b, or 4a
+    ['Cl 4a . . .', 'Cl 4b . . .']
     """
     _check_orderable(structure)
     structure = Structure(structure.lattice, [site.specie.symbol for site in structure], structure.frac_coords)
     for tolerance in (symprec, symprec / 10, symprec / 100):
         try:
-            return _canonical_crystal_text(symmetry.standard_cell(structure, tolerance))
+            return _descriptions(symmetry.standard_cell(structure, tolerance))
         except WyckoffLocationError as error:
             problem = error
     raise InvalidStructureError(f"{structure.composition.formula}: {problem} (tried symprec {symprec} to "
                                 f"{symprec / 100})")
 
 
-def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
+def _descriptions(cell: symmetry.StandardCell) -> list[CrystalText]:
     lattice = cell.lattice
     parameters = (*lattice.abc, *lattice.angles)
     for name, value in zip(("a", "b", "c"), lattice.abc):
@@ -291,13 +332,11 @@ def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
         raise InvalidStructureError(f"{formula_units} formula units in the conventional cell; "
                                     f"the format allows at most {MAX_FORMULA_UNITS}")
 
-    # Every description the space group's normalizer allows (other origin, inversion, and for polar groups
-    # a sliding origin pinned on a first site); the smallest text is the canonical one.
     elements = [Element.from_Z(int(z)).symbol for z in cell.atomic_numbers]
     _, orbits, multiplicities = np.unique(cell.orbit_ids, return_index=True, return_counts=True)
     orbits, multiplicities = orbits.tolist(), multiplicities.tolist()  # first atom of each orbit, its size
     rank = {symbol: i for i, symbol in enumerate(formula)}
-    best: tuple[str, CrystalText] | None = None
+    found = []
     for rotation, translation in symmetry.origin_choices(cell.space_group):
         if not _preserves_metric(rotation, lattice):
             continue
@@ -305,12 +344,8 @@ def _canonical_crystal_text(cell: symmetry.StandardCell) -> CrystalText:
         for shift in _origin_shifts(cell.space_group, coords, orbits, multiplicities, elements, rank):
             sites = _atom_sites(cell.space_group, np.mod(coords + shift, 1.0), orbits, multiplicities, elements,
                                 rank)
-            crystal = CrystalText(formula, cell.space_group, formula_units, parameters, sites)
-            text = format_crystal_text(crystal)
-            if best is None or text < best[0]:
-                best = (text, crystal)
-    assert best is not None, "the identity is always an origin choice"
-    return best[1]
+            found.append(CrystalText(formula, cell.space_group, formula_units, parameters, sites))
+    return found  # never empty: the identity is always an origin choice
 
 
 def _preserves_metric(rotation: np.ndarray, lattice: Lattice) -> bool:

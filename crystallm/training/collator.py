@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from crystallm.io import text_format
-from crystallm.tokenization import encode_texts, row_element_token_ids
+from crystallm.tokenization import element_positions, encode_texts, row_element_token_ids
 
 
 @dataclass
@@ -18,19 +18,20 @@ class PretrainingCollator:
     """Texts -> the keyword arguments of `CrystaLLMForCausalLM.forward` that compute the enabled objectives'
     losses (`model(**collator(texts)).loss`).
 
-    Masked-atom inputs replace each atom-site element token with `<mask>` with `mask_probability` (at least one
-    per sequence); the contrastive view is the same crystal with its site rows shuffled.
+    Masked-atom inputs hide one element of each crystal, drawn at random, everywhere it is written (its formula
+    token and every site row it starts) behind `<mask>`: predicting it from the rest is element substitution.
+    The contrastive view is the same crystal with its site rows shuffled.
     """
 
     tokenizer: object
     max_length: int = 512
-    mask_probability: float = 0.3
     masked_atom: bool = True
     contrastive: bool = True
     seed: int = 0
 
     def __post_init__(self):
-        self.element_ids = torch.tensor(sorted(set(row_element_token_ids(self.tokenizer))))
+        self.row_element_ids = row_element_token_ids(self.tokenizer)
+        self.symbols = dict(zip(self.row_element_ids, text_format.element_symbols()))
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, zlib.crc32("\x00".join(texts).encode())])
@@ -38,13 +39,12 @@ class PretrainingCollator:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
         if self.masked_atom:
-            is_element = torch.isin(input_ids, self.element_ids)
-            draw = torch.from_numpy(rng.random(input_ids.shape)) < self.mask_probability
-            for row in range(input_ids.shape[0]):  # at least one masked element per sequence
-                positions = is_element[row].nonzero().flatten()
-                if len(positions) and not (draw[row] & is_element[row]).any():
-                    draw[row, positions[rng.integers(len(positions))]] = True
-            selected = is_element & draw
+            selected = torch.zeros_like(input_ids, dtype=torch.bool)
+            for row, ids in enumerate(input_ids.tolist()):
+                present = sorted({self.symbols[i] for i in ids if i in self.symbols})
+                if present:
+                    hidden = present[rng.integers(len(present))]
+                    selected[row] = element_positions(self.tokenizer, input_ids[row], hidden)
             result["masked_input_ids"] = input_ids.masked_fill(selected, self.tokenizer.mask_token_id)
             result["masked_labels"] = input_ids.masked_fill(~selected, -100)
         if self.contrastive:

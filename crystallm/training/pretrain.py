@@ -91,7 +91,6 @@ def pretrain(config: dict) -> Path:
     model_config._attn_implementation = "sdpa"
     model = CrystaLLMForCausalLM(model_config)
     collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
-                                   mask_probability=model_config.mask_probability,
                                    masked_atom=bool(model_config.masked_atom_weight),
                                    contrastive=bool(model_config.contrastive_weight), seed=seed)
     batch_size = int(config["batch_size"])

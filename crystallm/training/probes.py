@@ -1,5 +1,5 @@
-"""What a pretrained model learned, for the objectives' ablation: held-out causal-LM loss, masked-atom accuracy,
-retrieval of an equivalent serialization, and a linear probe of a property from pooled embeddings."""
+"""What a pretrained model learned, for the objectives' ablation: held-out causal-LM loss, masked-element
+accuracy, retrieval of a hard view of the same crystal, and a linear probe of a property from pooled embeddings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from crystallm.io import text_format
+from crystallm.properties.embedding import unit_embeddings
 from crystallm.properties.surrogates import embed
 from crystallm.tokenization import encode_texts
 from crystallm.training.collator import PretrainingCollator
@@ -45,22 +46,14 @@ def masked_atom_accuracy(model, collator: PretrainingCollator, texts: list[str],
     return correct / total
 
 
-def retrieval_top1(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32,
-                   seed: int = 0) -> float:
-    """Within batches of `batch_size` crystals with 2+ sites, the share whose site-shuffled serialization is
-    nearest (cosine, pooled embeddings) to its own original rather than to another crystal's."""
+def retrieval_top1(model, collator: PretrainingCollator, texts: list[str], seed: int = 0) -> float:
+    """The share of crystals whose hard view (`text_format.hard_view`: moved atoms, another volume, another
+    description, shuffled rows) is nearest, by cosine of pooled embeddings, to its own text among all `texts`."""
     rng = np.random.default_rng(seed)
-    texts = [t for t in texts if len(t.split(text_format.LOOP_HEADER)[1].strip("\n").split("\n")) > 1]
-    views = [text_format.shuffle_sites(t, rng) for t in texts]
-    hits = total = 0
-    for start in range(0, len(texts) - batch_size + 1, batch_size):
-        anchors = embed(model, collator.tokenizer, texts[start:start + batch_size])
-        positives = embed(model, collator.tokenizer, views[start:start + batch_size])
-        anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
-        positives /= np.linalg.norm(positives, axis=1, keepdims=True)
-        hits += int((np.argmax(positives @ anchors.T, axis=1) == np.arange(batch_size)).sum())
-        total += batch_size
-    return hits / total
+    views = [text_format.hard_view(text, rng) for text in texts]
+    anchors = unit_embeddings(model, collator.tokenizer, texts)
+    positives = unit_embeddings(model, collator.tokenizer, views)
+    return float(np.mean(np.argmax(positives @ anchors.T, axis=1) == np.arange(len(texts))))
 
 
 def linear_probe_mae(model, collator: PretrainingCollator, train_texts: list[str], train_targets: np.ndarray,

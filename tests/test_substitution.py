@@ -1,0 +1,84 @@
+"""Masked-atom pretraining as element substitution: the collator hides a whole element, `crystallm substitute`
+ranks what could take its place, and recovery is measured against the baselines."""
+
+import csv
+
+import pytest
+from pymatgen.core import Composition, Lattice, Structure
+
+from crystallm import data
+from crystallm.cli import main
+from crystallm.errors import CrystaLLMInputError
+from crystallm.evaluation.substitution import (RecoveryTask, data_mined_scores, frequency_scores, rank_of,
+                                               recovery_tasks)
+from crystallm.evaluation.validity import compositional_validity
+from crystallm.generation.sampling import load_generator
+from crystallm.generation.substitution import rank_substitutions
+from crystallm.io import text_format
+from crystallm.tokenization import CrystaLLMTokenizer
+from crystallm.training.collator import PretrainingCollator
+
+
+@pytest.fixture(scope="module")
+def corpus_texts():
+    return data.load_texts("data/pretraining-corpus.csv.gz")["text"][:64]
+
+
+def test_collator_hides_one_whole_element_per_crystal(corpus_texts):
+    tokenizer = CrystaLLMTokenizer.from_format()
+    batch = PretrainingCollator(tokenizer, contrastive=False)(corpus_texts)
+    for text, masked, labels in zip(corpus_texts, batch["masked_input_ids"], batch["masked_labels"]):
+        hidden = {token.strip() for token in tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())}
+        assert len(hidden) == 1  # one element, in the formula and on each of its rows
+        [element] = hidden
+        rows = sum(site.element == element for site in text_format.read_crystal_text(text).sites)
+        assert int((labels != -100).sum()) == rows + 1
+        shown = set(tokenizer.convert_ids_to_tokens(masked.tolist()))
+        assert element not in shown and "\n" + element not in shown
+
+
+def test_substitutions_keep_the_cell_and_change_one_element(tiny_model_dir, corpus_texts):
+    model, tokenizer = load_generator(tiny_model_dir)
+    text = next(t for t in corpus_texts if len(text_format.read_crystal_text(t).formula) == 3)
+    crystal = text_format.read_crystal_text(text)
+    original = text_format.parse_structure(text)
+    replaced = next(iter(crystal.formula))
+    candidates = rank_substitutions(model, tokenizer, text, element=replaced, top=5)
+    assert len(candidates) == 5
+    assert [c.log_probability for c in candidates] == sorted((c.log_probability for c in candidates), reverse=True)
+    for candidate in candidates:
+        assert candidate.element not in crystal.formula and candidate.replaced == replaced
+        assert candidate.structure.lattice == original.lattice and len(candidate.structure) == len(original)
+        expected = {(candidate.element if e == replaced else e): n for e, n in original.composition.as_dict().items()}
+        assert candidate.structure.composition == Composition(expected)
+    neutral = rank_substitutions(model, tokenizer, text, element=replaced, top=3, charge_neutral=True)
+    assert all(compositional_validity(c.structure) for c in neutral)
+
+
+def test_substitute_writes_ranked_cifs_and_names_bad_input(tiny_model_dir, corpus_texts, tmp_path, capsys):
+    path = tmp_path / "crystal.txt"
+    path.write_text(corpus_texts[0])
+    element = next(iter(text_format.read_crystal_text(corpus_texts[0]).formula))
+    assert main(["substitute", str(path), "--element", element, "--top", "3", "--out", str(tmp_path / "out"),
+                 "--model", str(tiny_model_dir), "--quiet"]) == 0
+    with open(tmp_path / "out" / "candidates.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["rank"] for row in rows] == ["1", "2", "3"]
+    assert all((tmp_path / "out" / row["cif"]).exists() for row in rows)
+    with pytest.raises(CrystaLLMInputError, match="element Xe: not in the structure"):
+        rank_substitutions(*load_generator(tiny_model_dir), corpus_texts[0], element="Xe")
+    with pytest.raises(CrystaLLMInputError, match=r"site rows \[99\]"):
+        rank_substitutions(*load_generator(tiny_model_dir), corpus_texts[0], sites=[99])
+
+
+def test_recovery_baselines_rank_real_elements(corpus_texts):
+    tasks = recovery_tasks([str(i) for i in range(len(corpus_texts))], corpus_texts, 20, seed=1)
+    assert len({(t.name, t.hidden) for t in tasks}) == 20 and all(t.hidden not in t.others for t in tasks)
+    rocksalt = text_format.serialize_structure(Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]))
+    chloride, sodium = RecoveryTask("NaCl", rocksalt, "Cl"), RecoveryTask("NaCl", rocksalt, "Na")
+    # Oxygen is in more corpus crystals than any other element; Cl- and Na+ are common, charge-balanced species.
+    frequency = frequency_scores(data.load_texts("data/pretraining-corpus.csv.gz")["text"])
+    assert rank_of("O", frequency, []) == 1
+    assert rank_of("Cl", data_mined_scores(chloride), ["Na"]) <= 5
+    assert rank_of("Na", data_mined_scores(sodium), ["Cl"]) <= 5
