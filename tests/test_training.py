@@ -44,13 +44,20 @@ def test_collator_masks_elements_and_builds_a_view():
     masked = batch["masked_labels"] != -100
     assert masked.any(dim=1).all()  # at least one masked element per sequence
     assert (batch["masked_input_ids"][masked] == tokenizer.mask_token_id).all()
-    assert all(token.startswith("\n") for token in tokenizer.convert_ids_to_tokens(batch["masked_labels"][masked]))
     assert torch.equal(batch["input_ids"][~masked], batch["masked_input_ids"][~masked])
     # The view holds the same tokens, rows in another order; and the collator is deterministic.
     for row in range(8):
         assert sorted(batch["input_ids"][row].tolist()) == sorted(batch["view_input_ids"][row].tolist())
     again = PretrainingCollator(tokenizer, seed=0)(texts)
     assert all(torch.equal(batch[key], again[key]) for key in batch)
+    assert set(PretrainingCollator(tokenizer, seed=0)(texts, auxiliary=False)) == {"input_ids", "attention_mask",
+                                                                                    "labels"}
+
+
+def test_auxiliary_passes_run_on_a_share_of_the_steps(tmp_path):
+    pretrain(tiny_config(tmp_path, max_steps=4, auxiliary_every=2))
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert ["train_masked_atom" in row and "train_contrastive" in row for row in rows] == [True, False, True, False]
 
 
 def test_epoch_batches_group_lengths_and_are_disjoint_across_processes():

@@ -33,12 +33,14 @@ class PretrainingCollator:
         self.row_element_ids = row_element_token_ids(self.tokenizer)
         self.symbols = dict(zip(self.row_element_ids, text_format.element_symbols()))
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], auxiliary: bool = True) -> dict[str, torch.Tensor]:
+        """The batch of `texts`; `auxiliary=False` leaves out the masked-atom and contrastive inputs (a step that
+        trains the causal LM only, when the auxiliary passes run on a share of the steps)."""
         rng = np.random.default_rng([self.seed, zlib.crc32("\x00".join(texts).encode())])
         batch = encode_texts(self.tokenizer, texts, self.max_length)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
-        if self.masked_atom:
+        if self.masked_atom and auxiliary:
             selected = torch.zeros_like(input_ids, dtype=torch.bool)
             for row, ids in enumerate(input_ids.tolist()):
                 present = sorted({self.symbols[i] for i in ids if i in self.symbols})
@@ -47,7 +49,7 @@ class PretrainingCollator:
                     selected[row] = element_positions(self.tokenizer, input_ids[row], hidden)
             result["masked_input_ids"] = input_ids.masked_fill(selected, self.tokenizer.mask_token_id)
             result["masked_labels"] = input_ids.masked_fill(~selected, -100)
-        if self.contrastive:
+        if self.contrastive and auxiliary:
             view = encode_texts(self.tokenizer, [text_format.shuffle_sites(text, rng) for text in texts], self.max_length)
             result["view_input_ids"], result["view_attention_mask"] = view["input_ids"], view["attention_mask"]
         return result

@@ -64,7 +64,8 @@ def _token_weighted(accelerator, losses: dict[str, torch.Tensor], batch: dict) -
 
 def pretrain(config: dict) -> Path:
     """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
-    `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit).
+    `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit);
+    `auxiliary_every` runs the masked-atom and contrastive passes on every n-th batch only (default 1: all).
 
     Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
     line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations;
@@ -94,6 +95,7 @@ def pretrain(config: dict) -> Path:
                                    masked_atom=bool(model_config.masked_atom_weight),
                                    contrastive=bool(model_config.contrastive_weight), seed=seed)
     batch_size = int(config["batch_size"])
+    auxiliary_every = int(config.get("auxiliary_every", 1))
     lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
     steps_per_epoch = len(epoch_batches(lengths, batch_size, 0, seed, accelerator.process_index,
                                         accelerator.num_processes)) // accelerator.gradient_accumulation_steps
@@ -124,7 +126,11 @@ def pretrain(config: dict) -> Path:
                                 accelerator.num_processes)
         micro = accelerator.gradient_accumulation_steps
         for index in range(in_epoch * micro, min(len(batches), steps_per_epoch * micro)):
-            batch = {k: v.to(accelerator.device) for k, v in collator([train_texts[i] for i in batches[index]]).items()}
+            # The auxiliary objectives' passes on every `auxiliary_every`-th batch only: they cost a forward and
+            # backward pass each, and a share of the steps may be enough.
+            auxiliary = index % auxiliary_every == 0
+            batch = {k: v.to(accelerator.device)
+                     for k, v in collator([train_texts[i] for i in batches[index]], auxiliary).items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     losses = _losses(model(**batch))
