@@ -157,12 +157,19 @@ class ReferenceSet:
         entries only (the k-NN pre-filter)."""
         matcher = matching.check_matcher(matcher)
         knn = neighbours is not None and self.embeddings is not None and self.embedder is not None
-        vectors = self.embedder(structures) if knn and structures else [None] * len(structures)
+        # Only a structure with more same-formula entries than `neighbours` needs its vector: most have none.
+        crowded = [i for i, s in enumerate(structures)
+                   if knn and len(self.groups.get(s.composition.reduced_formula, ())) > neighbours]
+        vectors: list[np.ndarray | None] = [None] * len(structures)
+        if crowded:
+            for i, vector in zip(crowded, self.embedder([structures[i] for i in crowded])):
+                vectors[i] = vector
         mask = []
         for structure, vector in zip(structures, vectors):
-            key = matching.match_key(structure)
+            rows = self.candidates(structure, vector, neighbours)
+            key = matching.match_key(structure) if rows else None  # a Niggli reduction: only when needed
             mask.append(not any(self._key(row) == key and matcher.fit(structure, self.structure(row))
-                                for row in self.candidates(structure, vector, neighbours)))
+                                for row in rows))
         return mask
 
 

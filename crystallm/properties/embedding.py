@@ -28,7 +28,9 @@ def unit_embeddings(model, tokenizer, texts: list[str]) -> np.ndarray:
     """
     from crystallm.properties.surrogates import embed
 
-    vectors = embed(model, tokenizer, texts)
+    order = np.argsort([len(text) for text in texts], kind="stable")  # batches of like length: little padding
+    vectors = np.empty((len(texts), model.config.n_embd), dtype=np.float32)
+    vectors[order] = embed(model, tokenizer, [texts[i] for i in order])
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
