@@ -155,14 +155,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from crystallm.properties.embedding import embed_entries
 
     reference = Embeddings.from_file(args.nearest) if args.nearest else None  # a bad file fails before the work
-    model = args.model or (reference.model if reference else None)
+    model = args.model or (reference.model if reference else None) or None
     embeddings = embed_entries(list(iter_entries(args.input)), model, source=str(args.input))
     embeddings.save(args.out)
-    print(f"{len(embeddings.names)} embeddings of {args.input} by {embeddings.model} -> {args.out}")
+    print(f"{len(embeddings.names)} embeddings of {args.input} by {embeddings.model or 'the shipped model'} "
+          f"-> {args.out}")
     if reference:
         if reference.model != embeddings.model:
-            raise CrystaLLMInputError(f"{args.nearest}: embedded by {reference.model}, not {embeddings.model}; "
-                                      f"embed both with the same model")
+            raise CrystaLLMInputError(f"{args.nearest}: embedded by {reference.model or 'the shipped model'}, not "
+                                      f"{embeddings.model or 'the shipped model'}; embed both with the same model")
         nearest = reference.nearest(embeddings.vectors, args.top)
         path = Path(args.out).with_suffix(".nearest.jsonl")
         reports.write_json_lines([{"name": name, "nearest": [{"name": n, "cosine": round(c, 4)} for n, c in row]}

@@ -28,7 +28,8 @@ from crystallm.evaluation.scoring import ScoredStructure, structure_of_entry
 @dataclasses.dataclass(frozen=True)
 class Embeddings:
     """Unit-length vectors of a collection's structures, row by row with `names`, made by `model` (a model
-    folder or Hub id). Saved as safetensors, with the names and the model in its metadata."""
+    folder or Hub id; "" for the shipped model, wherever it is installed). Saved as safetensors, with the names
+    and the model in its metadata."""
 
     names: tuple[str, ...]
     vectors: np.ndarray

@@ -15,7 +15,6 @@ from crystallm.evaluation.reference import Embeddings, ReferenceSet
 from crystallm.evaluation.scoring import structure_of_entry
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
-from crystallm.model_folder import DEFAULT_MODEL
 
 
 def unit_embeddings(model, tokenizer, texts: list[str]) -> np.ndarray:
@@ -66,14 +65,14 @@ def embed_entries(entries: list[Entry], model: str | Path | None = None, source:
     """
     loaded, tokenizer = load_generator(model)
     return Embeddings(tuple(entry.name for entry in entries), entry_embeddings(loaded, tokenizer, entries),
-                      str(model or DEFAULT_MODEL), source)
+                      str(model or ""), source)
 
 
 def knn_reference(source: str | Path, embeddings_file: str | Path) -> ReferenceSet:
     """A reference collection with its `crystallm embed` file, ready for the k-NN pre-filter: queries are
     embedded by the model that embedded the reference, loaded once."""
     embeddings = Embeddings.from_file(embeddings_file)
-    model, tokenizer = load_generator(embeddings.model)
+    model, tokenizer = load_generator(embeddings.model or None)
 
     def embedder(structures: list[Structure]) -> np.ndarray:
         return entry_embeddings(model, tokenizer, [Entry(str(i), "structure", s) for i, s in enumerate(structures)])
