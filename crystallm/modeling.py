@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.utils import ModelOutput
 
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError
@@ -55,6 +56,16 @@ def _radial_basis(distances: torch.Tensor, cutoff: float, size: int) -> tuple[to
     basis = torch.exp(-((distances[:, None] - centers) / width) ** 2)
     envelope = 0.5 * (torch.cos(math.pi * (distances / cutoff).clamp(max=1.0)) + 1.0)
     return basis * envelope[:, None], envelope
+
+
+@dataclass
+class RefinerOutput(ModelOutput):
+    """The refinement head's losses: `loss` is the sum of the coordinate term (a mean over atoms) and the lattice
+    term (a mean over crystals)."""
+
+    loss: torch.FloatTensor | None = None
+    coordinate_loss: torch.FloatTensor | None = None
+    lattice_loss: torch.FloatTensor | None = None
 
 
 class CrystalRefiner(nn.Module):
@@ -129,14 +140,15 @@ class CrystalRefiner(nn.Module):
         return displacement, strain
 
     def forward(self, batch: GeometryBatch, sigma: torch.Tensor, displacement: torch.Tensor,
-                strain: torch.Tensor) -> torch.Tensor:
-        """Denoising score-matching loss: squared error of the predicted displacements and strains against the
-        true ones, each in units of its noise level so every level weighs alike."""
+                strain: torch.Tensor) -> RefinerOutput:
+        """Denoising score-matching loss: squared error of the predicted displacements (a mean over atoms) and
+        strains (a mean over crystals) against the true ones, each in units of its noise level so every level
+        weighs alike."""
         predicted_displacement, predicted_strain = self.denoise(batch, sigma)
         atom_sigma = sigma[batch.crystal][:, None]
         coordinates = ((predicted_displacement - displacement) / atom_sigma).pow(2).sum(-1).mean()
         lattice = ((predicted_strain - strain) / (sigma * self.lattice_noise)[:, None, None]).pow(2).sum((1, 2))
-        return coordinates + lattice.mean()
+        return RefinerOutput(coordinates + lattice.mean(), coordinates, lattice.mean())
 
 
 @dataclass

@@ -13,6 +13,10 @@ from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation.pools import worker_pool
 from crystallm.generation.run_folder import merge_shards
 
+# On a machine without GPUs, accelerate launch --multi_gpu starts torchrun processes that talk over gloo.
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
 
 def _texts(folder) -> list[str]:
     return [json.loads(line)["text"] for line in (folder / "samples.jsonl").read_text().splitlines()]
@@ -61,45 +65,57 @@ def test_a_bad_shard_is_refused_with_the_reason(tiny_model_dir, tmp_path, capsys
 @pytest.mark.slow
 def test_generate_under_accelerate_launch_gives_the_one_process_run(tiny_model_dir, tmp_path):
     _generate(tiny_model_dir, tmp_path / "single")
-    # On a machine without GPUs, accelerate launch --multi_gpu starts torchrun processes that talk over gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "crystallm.cli",
-               "generate", "--model", str(tiny_model_dir), "--num", "7", "--batch-size", "2", "--seed", "3",
-               "--max-atoms", "12", "--out", str(tmp_path / "launched"), "--quiet"]
+    command = [*LAUNCH_TWO, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--num", "7",
+               "--batch-size", "2", "--seed", "3", "--max-atoms", "12", "--out", str(tmp_path / "launched"), "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "launched" / "shard-1-of-2" / "samples.jsonl").exists()
     assert _texts(tmp_path / "launched") == _texts(tmp_path / "single")
 
 
-def _pretrain_config(path, out, batch_size: int) -> str:
+def _loss_curves(stage: str, config: dict, tmp_path, log: str, key: str) -> dict[str, list[float]]:
+    """Run a train/ stage as one process of batch 8 and under accelerate launch as two of batch 4 (the same rows
+    step for step); return both logged loss curves."""
     import yaml
 
-    config = {"corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(out), "max_rows": 400, "eval_rows": 16,
-              "seed": 0, "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 512},
-              "batch_size": batch_size, "learning_rate": 1.0e-3, "warmup_steps": 1, "max_steps": 4, "eval_every": 4,
-              "save_every": 100, "mixed_precision": "no", "progress": False}
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    curves = {}
+    for name, batch_size, launch in (("single", 8, [sys.executable]), ("launched", 4, LAUNCH_TWO)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config | {"output_dir": str(tmp_path / name), "batch_size": batch_size,
+                                                 "mixed_precision": "no", "seed": 0}))
+        result = subprocess.run([*launch, stage, str(path)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        curves[name] = [json.loads(line)[key] for line in (tmp_path / name / log).read_text().splitlines()]
+    return curves
+
+
+# Each loop weights a step's loss by each process's share of what it averages over (target tokens, atoms,
+# crystals) and draws a row's randomness from the step and the row alone, so the curves agree to float precision.
+TRAINING_LOOPS = {
+    "pretraining": ("train/pretrain.py", {
+        "corpus": "data/pretraining-corpus.csv.gz", "max_rows": 400, "eval_rows": 16,
+        "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 512}, "learning_rate": 1.0e-3,
+        "warmup_steps": 1, "max_steps": 4, "eval_every": 4, "save_every": 100, "progress": False},
+        "log.jsonl", "train_loss"),
+    "adapter": ("train/adapter.py", {
+        "property": "band_gap", "corpus": "data/pretraining-corpus.csv.gz", "learning_rate": 1e-2, "max_steps": 4,
+        "drop_probability": 0.5, "rank": 4, "alpha": 8}, "band_gap_log.jsonl", "loss"),
+    "refinement head": ("train/refiner.py", {
+        "corpus": "data/pretraining-corpus.csv.gz", "eval_rows": 8, "refiner": {"width": 16, "layers": 1},
+        "learning_rate": 1e-3, "max_steps": 4, "eval_every": 100, "sigma_range": [0.02, 0.5], "eval_sigmas": [0.1],
+        "max_atoms": 48}, "refiner_log.jsonl", "loss"),
+}
 
 
 @pytest.mark.slow
-def test_pretraining_under_accelerate_launch_follows_the_one_process_loss_curve(tmp_path):
-    """Two processes of batch 4 see, step for step, the rows of one process of batch 8; the loss of a step is
-    weighted by target tokens over both, so the curves agree to float precision."""
-    single = _pretrain_config(tmp_path / "single.yaml", tmp_path / "single", batch_size=8)
-    assert subprocess.run([sys.executable, "train/pretrain.py", single], capture_output=True).returncode == 0
-    launched = _pretrain_config(tmp_path / "launched.yaml", tmp_path / "launched", batch_size=4)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                             "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "train/pretrain.py", launched], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-    def curve(out):
-        return [json.loads(line)["train_loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-
-    assert len(curve(tmp_path / "single")) == 4
-    assert curve(tmp_path / "launched") == pytest.approx(curve(tmp_path / "single"), rel=1e-5)
+@pytest.mark.parametrize("loop", TRAINING_LOOPS)
+def test_training_under_accelerate_launch_follows_the_one_process_loss_curve(loop, tiny_model_dir, tmp_path):
+    stage, config, log, key = TRAINING_LOOPS[loop]
+    if loop != "pretraining":  # adapters and the head train on a saved base model
+        config = config | {"model": str(tiny_model_dir)}
+    curves = _loss_curves(stage, config, tmp_path, log, key)
+    assert len(curves["single"]) == 4
+    assert curves["launched"] == pytest.approx(curves["single"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +125,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
 def test_local_workers_start_with_one_thread_each(monkeypatch):
     # Two OpenMP/BLAS threads per worker on a worker per core made local relaxations 1.7x slower.
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
@@ -118,6 +133,7 @@ def test_local_workers_start_with_one_thread_each(monkeypatch):
     assert seen == "1" and os.environ["OMP_NUM_THREADS"] == "4"  # the parent's own setting is left as it was
 
 
+@pytest.mark.slow
 def test_scoring_on_ray_gives_the_local_pool_results(local_ray):
     from crystallm.evaluation.batch import EvaluationOptions, evaluate
 

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from crystallm.training.collator import epoch_batches
-from crystallm.training.pretrain import make_accelerator
+from crystallm.training.pretrain import make_accelerator, token_weighted
 
 
 def train_adapter(config: dict) -> Path:
@@ -30,7 +30,6 @@ def train_adapter(config: dict) -> Path:
     from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
     out, name, seed = Path(config["output_dir"]), config["property"], int(config.get("seed", 0))
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     accelerator = make_accelerator(config)
     model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
@@ -59,7 +58,9 @@ def train_adapter(config: dict) -> Path:
             batches = epoch_batches(lengths, batch_size, step, seed, accelerator.process_index,
                                     accelerator.num_processes)
         rows = batches.pop()
-        dropped = rng.random(len(rows)) < float(config.get("drop_probability", 0.1))
+        # Each row's draw depends on the step and the row only: processes sharing a step drop what one would.
+        dropped = [np.random.default_rng([seed, step, int(i)]).random() < float(config.get("drop_probability", 0.1))
+                   for i in rows]
         prefixes = [condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)]
         encoded = tokenizer([p + texts[i] + tokenizer.eos_token for p, i in zip(prefixes, rows)],
                             padding=True, return_tensors="pt", padding_side="right").to(accelerator.device)
@@ -67,12 +68,15 @@ def train_adapter(config: dict) -> Path:
         labels[:, :3] = -100  # <bos> and the two condition tokens are given, not predicted
         with accelerator.autocast():
             loss = model(**encoded, labels=labels).loss
-        accelerator.backward(loss)
+        targets = ((labels[:, 1:] != -100) & (encoded["attention_mask"][:, 1:] == 1)).sum()
+        loss = token_weighted(accelerator, {"loss": loss}, targets)["loss"]
+        accelerator.backward(loss * accelerator.num_processes)
         optimizer.step()
         optimizer.zero_grad()
+        step_loss = float(accelerator.reduce(loss.detach(), "sum"))
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
-                log.write(json.dumps({"step": step, "loss": float(loss.detach()),
+                log.write(json.dumps({"step": step, "loss": step_loss,
                                       "seconds": time.perf_counter() - started}) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

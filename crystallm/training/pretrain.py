@@ -49,15 +49,16 @@ def make_accelerator(config: dict, default_precision: str = "bf16"):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def _token_weighted(accelerator, losses: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-    """Each process's share of the losses of the whole step: its mean loss times its share of the step's target
-    tokens. Summed over processes, this is the loss one process computes on all the rows, so `world` processes
-    train (and log) exactly as one process with `world` times the batch. DDP averages gradients over the
-    processes, hence the backward pass of `num_processes` times this share. One process: the losses unchanged.
+def token_weighted(accelerator, losses: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each process's share of the losses of the whole step: its mean loss times its share of the step's
+    `targets` (this process's count of target tokens). Summed over processes, this is the loss one process
+    computes on all the rows, so `world` processes train (and log) exactly as one process with `world` times the
+    batch. DDP averages gradients over the processes, hence the backward pass of `num_processes` times this
+    share. One process: the losses unchanged.
     """
     if accelerator.num_processes == 1:
         return losses
-    targets = batch["attention_mask"][:, 1:].sum().float()  # next-token targets: padding is never one
+    targets = targets.float()
     share = targets / accelerator.reduce(targets.detach().clone(), "sum")
     return {name: value * share for name, value in losses.items()}
 
@@ -134,7 +135,8 @@ def pretrain(config: dict) -> Path:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     losses = _losses(model(**batch))
-                losses = _token_weighted(accelerator, losses, batch)
+                # next-token targets: padding is never one
+                losses = token_weighted(accelerator, losses, batch["attention_mask"][:, 1:].sum())
                 accelerator.backward(losses["loss"] * accelerator.num_processes)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))

@@ -19,19 +19,22 @@ from crystallm.generation import refinement
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
 from crystallm.training.collator import epoch_batches, held_out_split
-from crystallm.training.pretrain import make_accelerator
+from crystallm.training.pretrain import make_accelerator, token_weighted
 
 
-def _training_batch(texts: list[str], head: modeling.CrystalRefiner, model, tokenizer, sigma_range,
-                    max_atoms: int, rng: np.random.Generator) -> tuple[modeling.GeometryBatch, torch.Tensor, ...]:
+def _training_batch(texts: list[str], rows: list[int], head: modeling.CrystalRefiner, model, tokenizer,
+                    sigma_range, max_atoms: int, seed: int,
+                    step: int) -> tuple[modeling.GeometryBatch, torch.Tensor, ...]:
     """Noised corpus crystals (each at its own level, log-uniform in `sigma_range`, written as text) and the true
-    way back: the head's input, the levels, the displacements and the strains."""
+    way back: the head's input, the levels, the displacements and the strains. Each row's noise is drawn from
+    the seed, the step and the row alone, so processes sharing a step draw what one process would."""
     low, high = np.log(sigma_range[0]), np.log(sigma_range[1])
     noisy, sigmas, displacements, strains = [], [], [], []
-    for text in texts:
+    for text, row in zip(texts, rows):
         clean = refinement.CrystalGeometry.from_crystal(text_format.read_crystal_text(text))
         if len(clean.elements) > max_atoms:
             continue
+        rng = np.random.default_rng([seed, step, row])
         sigma = float(np.exp(rng.uniform(low, high)))
         crystal = refinement.noised_as_written(clean, sigma, head.lattice_noise, rng)
         if crystal is None:
@@ -61,7 +64,6 @@ def train_refiner(config: dict) -> Path:
 
     out = Path(config["output_dir"])
     seed = int(config.get("seed", 0))
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     accelerator = make_accelerator(config, "no")
     model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
@@ -91,18 +93,23 @@ def train_refiner(config: dict) -> Path:
         if not batches:
             batches = epoch_batches(lengths, int(config["batch_size"]), step, seed, accelerator.process_index,
                                     accelerator.num_processes)
-        texts = [train_texts[i] for i in batches.pop()]
+        rows = [int(i) for i in batches.pop()]
         prepared.train()
-        batch, sigma, displacement, strain = _training_batch(texts, head, model, tokenizer, sigma_range, max_atoms,
-                                                             rng)
+        batch, sigma, displacement, strain = _training_batch([train_texts[i] for i in rows], rows, head, model,
+                                                             tokenizer, sigma_range, max_atoms, seed, step)
         with accelerator.autocast():
-            loss = prepared(batch, sigma, displacement, strain)
-        accelerator.backward(loss)
+            output = prepared(batch, sigma, displacement, strain)
+        # Each term weighted by this process's share of what it averages over (atoms, crystals), so processes
+        # together train as one process on all the rows.
+        loss = (token_weighted(accelerator, {"loss": output.coordinate_loss}, torch.tensor(len(displacement)))["loss"]
+                + token_weighted(accelerator, {"loss": output.lattice_loss}, torch.tensor(len(sigma)))["loss"])
+        accelerator.backward(loss * accelerator.num_processes)
         accelerator.clip_grad_norm_(prepared.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        row = {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - started}
+        row = {"step": step, "loss": float(accelerator.reduce(loss.detach(), "sum")),
+               "seconds": time.perf_counter() - started}
         if step % int(config.get("eval_every", 500)) == 0 or step == max_steps:
             head.eval()
             errors = refinement.denoising_errors(model, tokenizer, eval_crystals, eval_sigmas, seed=seed)
