@@ -69,9 +69,9 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
              options: EvaluationOptions = EvaluationOptions()) -> dict:
     """Evaluate a collection (see `readers.iter_entries`) and return the summary: validity, symmetry,
     uniqueness; novelty against `reference` (the training set: a collection, or a `ReferenceSet`); Wasserstein
-    distances and coverage against `test`; CSP match rates (`csp`); stability, and S.U.N. with a `reference` (`stability`). Files in a zip or
-    folder that are not structure files are listed under `skipped`; a collection with no structure at all
-    raises CrystaLLMInputError.
+    distances and coverage against `test`; CSP match rates (`csp`); stability, and S.U.N. with a `reference`
+    (`stability`). Files in a zip or folder that are not structure files are listed under `skipped`; a
+    collection with no structure at all raises CrystaLLMInputError.
 
     >>> summary = evaluate("mp20-bt/test", options=EvaluationOptions(limit=5, num_proc=1, progress=False))
     >>> summary["entries"], summary["validity"]["structural"]

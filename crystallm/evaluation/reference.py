@@ -23,6 +23,7 @@ from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import matching
 from crystallm.evaluation.readers import Entry, iter_entries
 from crystallm.evaluation.scoring import ScoredStructure, structure_of_entry
+from crystallm.io import text_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,10 @@ def reduced_formula(entry: Entry) -> str | None:
     """The reduced formula of an entry, read from a crystallm text's first line without parsing the text; a
     CIF or a structure is parsed. None for an entry that cannot be read."""
     if entry.kind == "text":
-        first = entry.payload.split("\n", 1)[0]
-        if first.startswith("data_"):
-            try:
-                return Composition(first[len("data_"):]).reduced_formula
-            except ValueError:
-                return None
+        try:
+            return Composition(text_format.stated_formula(entry.payload)).reduced_formula
+        except CrystaLLMInputError:
+            return None
     try:
         return structure_of_entry(entry)[0].composition.reduced_formula
     except Exception:  # an unreadable reference entry is no match for anything

@@ -30,12 +30,7 @@ class RecoveryTask:
 
     @property
     def others(self) -> list[str]:
-        return [e for e in formula_of(self.text) if e != self.hidden]
-
-
-def formula_of(text: str) -> dict[str, int]:
-    """The reduced formula a text states on its first line."""
-    return text_format.parse_formula(text.split("\n", 1)[0][len(text_format.DATA_PREFIX):])
+        return [e for e in text_format.stated_formula(self.text) if e != self.hidden]
 
 
 def recovery_tasks(names: list[str], texts: list[str], count: int, seed: int = 0) -> list[RecoveryTask]:
@@ -46,8 +41,9 @@ def recovery_tasks(names: list[str], texts: list[str], count: int, seed: int = 0
     True
     """
     rng = np.random.default_rng(seed)
-    pairs = [(name, text, element) for name, text in zip(names, texts) if len(formula_of(text)) > 1
-             for element in formula_of(text)]
+    formulas = [text_format.stated_formula(text) for text in texts]
+    pairs = [(name, text, element) for name, text, formula in zip(names, texts, formulas) if len(formula) > 1
+             for element in formula]
     chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
     return [RecoveryTask(*pairs[i]) for i in chosen]
 
@@ -67,7 +63,7 @@ def rank_of(hidden: str, scores: dict[str, float], others: list[str]) -> float:
 
 def frequency_scores(texts: list[str]) -> dict[str, float]:
     """How many of the texts hold each element (the element-frequency baseline)."""
-    counts = Counter(element for text in texts for element in formula_of(text))
+    counts = Counter(element for text in texts for element in text_format.stated_formula(text))
     return {symbol: float(counts.get(symbol, 0)) for symbol in text_format.element_symbols()}
 
 
@@ -75,7 +71,7 @@ def data_mined_scores(task: RecoveryTask) -> dict[str, float]:
     """Log prior of each candidate's most likely species under pymatgen's substitution model, among the
     oxidation states that keep the formula neutral with the other elements' guessed states; -inf where none."""
     model = _substitution_model()
-    formula = formula_of(task.text)
+    formula = text_format.stated_formula(task.text)
     guesses = Composition(formula).oxi_state_guesses(max_sites=-1)
     if not guesses:
         return {symbol: -np.inf for symbol in text_format.element_symbols()}

@@ -432,6 +432,18 @@ class _Lines:
         return value
 
 
+def stated_formula(text: str) -> dict[str, int]:
+    """The reduced formula a text states on its first line, read without parsing the rest.
+
+    >>> stated_formula("data_Ga2Te3\\n_space_group_name_H-M_alt C2/m")
+    {'Ga': 2, 'Te': 3}
+    """
+    first = text.split("\n", 1)[0]
+    if not first.startswith(DATA_PREFIX):
+        raise MalformedTextError(f"first line {first[:40]!r} does not start with {DATA_PREFIX}")
+    return parse_formula(first[len(DATA_PREFIX):])
+
+
 def parse_formula(formula: str) -> dict[str, int]:
     """Read a formula written as `format_formula` does, e.g. 'Ga2Te3' -> {'Ga': 2, 'Te': 3}.
 
