@@ -179,7 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
-    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator, native_bf16
+    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator
+    from crystallm.modeling import native_bf16
 
     args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
     if (args.adapter is None) != (args.target is None):

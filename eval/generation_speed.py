@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from crystallm.generation.sampling import load_generator, measure_speed, native_bf16
+from crystallm.generation.sampling import load_generator, measure_speed
+from crystallm.modeling import native_bf16
 from crystallm.stage_config import read_stage_config
 
 

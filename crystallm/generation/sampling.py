@@ -25,6 +25,7 @@ from crystallm.generation.distances import VALIDITY_DISTANCE, DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
 from crystallm.io import text_format
+from crystallm.modeling import native_bf16
 
 # How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
 RESAMPLE_ATTEMPTS = 3
@@ -195,13 +196,6 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                    in enumerate(zip(batch, texts, lengths, fallbacks, resamples)) if first + offset >= start]
         _finish(model, tokenizer, samples, refine, symmetrize)
         yield from samples
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast makes generation 1.4-2.7x
-    faster; on others (AVX2 only) bf16 is emulated and a batch's forward pass 10-50x slower than fp32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def _check_sampling(batch_size: int, temperature: float, top_k: int | None, top_p: float | None, max_atoms: int,

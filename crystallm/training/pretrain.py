@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from crystallm.modeling import CrystaLLMOutput
+from crystallm.modeling import CrystaLLMOutput, native_bf16
 from crystallm.training.collator import PretrainingCollator, epoch_batches, held_out_split
 
 
@@ -42,7 +42,13 @@ def make_accelerator(config: dict, default_precision: str = "bf16"):
     (`split_batches`), not once per process."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    return Accelerator(mixed_precision=config.get("mixed_precision", default_precision),
+    precision = config.get("mixed_precision", default_precision)
+    if precision == "bf16" and not torch.cuda.is_available() and not native_bf16():
+        # Emulated bf16 (AVX2-only CPUs) makes a training step about 27x slower than fp32 (measured: 114 against
+        # about 3,100 tokens/s for the 3.7M model); the same config then trains in fp32.
+        print("bf16 requested but this CPU has no native bf16: training in fp32")
+        precision = "no"
+    return Accelerator(mixed_precision=precision,
                        gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)),
                        cpu=not torch.cuda.is_available(),
                        dataloader_config=DataLoaderConfiguration(split_batches=True),
