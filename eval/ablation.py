@@ -3,7 +3,8 @@
     python eval/ablation.py configs/eval-ablation.yaml
 
 (a) causal-LM loss on mp20-bt test texts, (b) masked-element accuracy (bidirectional pass, one element hidden
-everywhere) on them, (c) retrieval top-1 of a hard view (`text_format.hard_view`) among all the test texts, (d) MAE of a linear probe of formation energy from
+everywhere) on them, (c) retrieval top-1 of a hard view (`text_format.hard_view`) among all the test texts and among those of
+its formula, (d) MAE of a linear probe of formation energy from
 pooled embeddings, fitted on mp20-bt train rows of the pretraining corpus and scored on mp20-bt test.
 Writes `<output_dir>/summary.json` and `summary.md`.
 """
@@ -42,15 +43,18 @@ def main() -> None:
     results = {}
     for name, path in config["models"].items():
         model = load_model(path).eval()
+        retrieval = probes.retrieval(model, collator, test_texts, seed=seed)
         results[name] = {
             "heldout_clm_loss": probes.causal_lm_loss(model, collator, test_texts),
             "masked_atom_accuracy": probes.masked_atom_accuracy(model, collator, test_texts),
-            "retrieval_top1": probes.retrieval_top1(model, collator, test_texts, seed=seed),
+            "retrieval_top1": retrieval.top1,
+            "retrieval_top1_within_formula": retrieval.top1_within_formula,
             f"linear_probe_mae_{config['property']}": probes.linear_probe_mae(model, collator, train_texts, train_y,
                                                                                test_texts, test_y),
         }
         print(name, json.dumps(results[name]), flush=True)
     summary = {"models": config["models"], "train_rows": len(train_texts), "test_rows": len(test_texts),
+               "texts_in_formula_groups": retrieval.texts_in_groups,
                "property": config["property"], "results": results}
     out = Path(config["output_dir"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

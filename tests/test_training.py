@@ -1,9 +1,11 @@
 import json
 
+import datasets
 import numpy as np
 import torch
 
 from crystallm import data
+from crystallm.io.text_format import parse_structure
 from crystallm.modeling import native_bf16
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.collator import PretrainingCollator, epoch_batches
@@ -46,11 +48,18 @@ def test_collator_masks_elements_and_builds_a_view():
     assert masked.any(dim=1).all()  # at least one masked element per sequence
     assert (batch["masked_input_ids"][masked] == tokenizer.mask_token_id).all()
     assert torch.equal(batch["input_ids"][~masked], batch["masked_input_ids"][~masked])
-    # The view holds the same tokens, rows in another order; and the collator is deterministic.
-    for row in range(8):
-        assert sorted(batch["input_ids"][row].tolist()) == sorted(batch["view_input_ids"][row].tolist())
+    # The view is a hard view: other tokens, the same crystal; and the collator is deterministic.
+    views = tokenizer.batch_decode(batch["view_input_ids"], skip_special_tokens=True)
+    for text, view in zip(texts, views):
+        assert view != text and parse_structure(view).matches(parse_structure(text))
     again = PretrainingCollator(tokenizer, seed=0)(texts)
     assert all(torch.equal(batch[key], again[key]) for key in batch)
+    # Views made beforehand are used, their rows shuffled anew at each visit.
+    made = data.add_hard_views(datasets.Dataset.from_dict({"text": texts}), seed=0)
+    lookup = dict(zip(made["text"], made["view"]))
+    batch = PretrainingCollator(tokenizer, seed=0, views=lookup)(texts)
+    for text, view in zip(texts, tokenizer.batch_decode(batch["view_input_ids"], skip_special_tokens=True)):
+        assert sorted(view.splitlines()) == sorted(lookup[text].splitlines())
     assert set(PretrainingCollator(tokenizer, seed=0)(texts, auxiliary=False)) == {"input_ids", "attention_mask",
                                                                                     "labels"}
 

@@ -90,17 +90,23 @@ def pretrain(config: dict) -> Path:
     torch.manual_seed(seed)
     accelerator = make_accelerator(config)
     tokenizer = CrystaLLMTokenizer.from_format()
-    texts = data.load_texts(config["corpus"])["text"]
+    corpus = data.load_texts(config["corpus"])
     if config.get("max_rows"):
-        texts = texts[: int(config["max_rows"])]
+        corpus = corpus.select(range(min(len(corpus), int(config["max_rows"]))))
+    texts = corpus["text"]
     train_texts, eval_texts = held_out_split(texts, seed, int(config.get("eval_rows", 512)))
 
     model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **config["model"])
     model_config._attn_implementation = "sdpa"
     model = CrystaLLMForCausalLM(model_config)
+    views = None
+    if model_config.contrastive_weight:
+        with accelerator.main_process_first():  # one process makes the views, the others read the cache
+            corpus = data.add_hard_views(corpus, seed, config.get("num_proc"))
+        views = dict(zip(corpus["text"], corpus["view"]))
     collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
                                    masked_atom=bool(model_config.masked_atom_weight),
-                                   contrastive=bool(model_config.contrastive_weight), seed=seed)
+                                   contrastive=bool(model_config.contrastive_weight), seed=seed, views=views)
     batch_size = int(config["batch_size"])
     auxiliary_every = int(config.get("auxiliary_every", 1))
     lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
