@@ -35,6 +35,3 @@ def test_probing_measures_on_a_tiny_model():
     assert one_formula.texts_in_groups == len(max(by_formula.values(), key=len)) and one_formula.top1 == one_formula.top1_within_formula
     distinct = probes.retrieval(model, collator, texts[:64])
     assert distinct.texts_in_groups == 0 and np.isnan(distinct.top1_within_formula)
-    targets = np.array([len(t) for t in texts], dtype=float)  # a target the embeddings can carry
-    mae = probes.linear_probe_mae(model, collator, texts[:64], targets[:64], texts[64:], targets[64:])
-    assert mae < np.mean(np.abs(targets[64:] - targets[:64].mean()))  # better than predicting the mean

@@ -1,5 +1,6 @@
 """What a pretrained model learned, for the objectives' ablation: held-out causal-LM loss, masked-element
-accuracy, retrieval of a hard view of the same crystal, and a linear probe of a property from pooled embeddings."""
+accuracy and retrieval of a hard view of the same crystal (the surrogates' MAE on a model's embeddings is
+`properties.surrogates.select_regressor`'s)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 
 from crystallm.io import text_format
 from crystallm.properties.embedding import unit_embeddings
-from crystallm.properties.surrogates import embed
 from crystallm.tokenization import encode_texts
 from crystallm.training.collator import PretrainingCollator
 
@@ -75,15 +75,3 @@ def retrieval(model, collator: PretrainingCollator, texts: list[str], seed: int 
                      top1_within_formula=float(np.mean(within[grouped])) if grouped.any() else float("nan"),
                      texts_in_groups=int(grouped.sum()))
 
-
-def linear_probe_mae(model, collator: PretrainingCollator, train_texts: list[str], train_targets: np.ndarray,
-                     test_texts: list[str], test_targets: np.ndarray) -> float:
-    """MAE on the test texts of a ridge regression (alpha by cross-validation) from pooled embeddings."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    probe.fit(embed(model, collator.tokenizer, train_texts), train_targets)
-    prediction = probe.predict(embed(model, collator.tokenizer, test_texts))
-    return float(np.mean(np.abs(prediction - test_targets)))
