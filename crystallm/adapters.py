@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from crystallm.diffraction.encoder import ENCODER_CONFIG_FILE, PatternEncoderConfig, attach_pattern_encoder
 from crystallm.errors import CrystaLLMInputError
 from crystallm.model_folder import loaded_from
 
@@ -54,6 +55,8 @@ def use_adapter(model, adapter: str):
             known = available_adapters(folder)
             raise CrystaLLMInputError(f"no adapter {adapter!r} for the model in {folder}; available: "
                                       f"{', '.join(known) if known else 'none (train one with train/adapter.py)'}")
+    if (path / ENCODER_CONFIG_FILE).exists():  # the pattern adapter: its encoder's weights load with it
+        attach_pattern_encoder(model, PatternEncoderConfig.from_file(path))
     if isinstance(model, PeftModel):
         model.load_adapter(path, adapter_name=name)
         model.set_adapter(name)

@@ -176,6 +176,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate crystals into an output folder (see `crystallm.generation.run_folder`), resumable, with a
     progress bar."""
     from crystallm.adapters import use_adapter
+    from crystallm.diffraction.encoder import PATTERN_ADAPTER
+    from crystallm.diffraction.patterns import PowderPattern
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
@@ -188,6 +190,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   "value, e.g. --adapter band_gap --target 2.0")
     if args.guidance != 1.0 and not args.adapter:
         raise CrystaLLMInputError("--guidance needs a property target: --adapter NAME --target VALUE")
+    if args.xrd and args.adapter:
+        raise CrystaLLMInputError("--xrd and --adapter cannot go together: one adapter is active at a time")
+    pattern = PowderPattern.from_file(args.xrd) if args.xrd else None  # a bad pattern fails before the model loads
     shard, launched = args.shard or (0, 1), None
     if args.shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`
         import torch
@@ -196,10 +201,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         launched = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
         shard, args.device = (launched.process_index, launched.num_processes), args.device or str(launched.device)
     model, tokenizer = load_generator(args.model, args.device)
-    if args.adapter:  # an unknown adapter fails here, listing the model's adapters
-        model = use_adapter(model, args.adapter)
+    if args.adapter or pattern:  # an unknown adapter fails here, listing the model's adapters
+        model = use_adapter(model, args.adapter or PATTERN_ADAPTER)
     property_name = Path(args.adapter).name if args.adapter else None
     prompt = Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
+    if pattern:
+        prompt = prompt.with_pattern(pattern)
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "max_atoms": args.max_atoms, "bf16": not args.fp32 and native_bf16(), "refine": args.refine,
@@ -229,9 +236,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(reports.markdown_table(summary))
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
+    if pattern:
+        _rank_by_pattern(folder, pattern)
     if args.rank == "chgnet":
         _rank_by_chgnet(folder, progress=not args.quiet)
     return 0
+
+
+def _rank_by_pattern(folder, pattern) -> None:
+    """Write pattern_ranking.csv (best agreement with the given pattern first) and the overlay plot of the best."""
+    from crystallm.diffraction.patterns import plot_overlay, rank_by_agreement
+    from crystallm.evaluation import reports
+
+    given = pattern.to_profile()
+    matches = rank_by_agreement(folder.valid_structures(), given)
+    lattice = ["a", "b", "c", "alpha", "beta", "gamma"]
+    rows = [{"rank": rank, "name": m.name, "formula": m.structure.composition.reduced_formula,
+             "disagreement": round(m.disagreement, 4),
+             **dict(zip(lattice, (round(v, 4) for v in m.structure.lattice.parameters)))}
+            for rank, m in enumerate(matches, 1)]
+    reports.write_csv(rows, folder.directory / "pattern_ranking.csv")
+    for row in rows[:5]:
+        print(f"{row['rank']}. {row['name']} {row['formula']}: disagreement {row['disagreement']:.3f} "
+              f"(a b c = {row['a']:.3f} {row['b']:.3f} {row['c']:.3f} A)")
+    if matches:
+        plot_overlay(given, matches[0], folder.directory / "pattern_overlay.png", pattern.source)
+    print(f"ranked {len(rows)} structures by agreement with {pattern.source} (Rwp-like, unit weights, 0 = the same "
+          f"up to scale): {folder.directory}/pattern_ranking.csv, best overlaid in pattern_overlay.png")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -434,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(eV for band_gap, eV/atom for formation_energy_per_atom)")
     generate.add_argument("--guidance", type=GUIDANCE, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
+    generate.add_argument("--xrd", metavar="PATTERN", help="condition on a powder pattern (Cu Ka, 2-theta in "
+                          "degrees): a two-column .xy/.xye/.csv export, or a CIF whose pattern is computed; uses "
+                          "the model's xrd adapter; the samples are ranked by agreement with it")
     generate.add_argument("--attempts", type=POSITIVE, dest="num", default=argparse.SUPPRESS,
                           help="the same as --num (CSP: attempts at a formula)")
     generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "

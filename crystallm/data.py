@@ -192,6 +192,28 @@ def add_hard_views(dataset: datasets.Dataset, seed: int = 0, num_proc: int | Non
                        new_fingerprint=format_fingerprint("hard-views", str(seed), dataset._fingerprint))
 
 
+def _diffraction_rows(batch: dict) -> dict:
+    from crystallm.diffraction.patterns import Peaks
+
+    rows = [Peaks.from_structure(text_format.parse_structure(text)).to_row() for text in batch["text"]]
+    return {key: [row[key] for row in rows] for key in ("peak_two_theta", "peak_intensity", "peak_direction")}
+
+
+def add_diffraction_peaks(dataset: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+    """Add each text's computed Cu Kα powder peaks (`diffraction.patterns.Peaks`, read back with
+    `Peaks.from_row`), for the pattern adapter. About 20 ms a text; `datasets` caches the result.
+
+    >>> texts = datasets.Dataset.from_dict({"text": load_texts("data/test-sets.csv.gz")["text"][:2]})
+    >>> [len(row["peak_two_theta"]) > 0 for row in add_diffraction_peaks(texts)]
+    [True, True]
+    """
+    from crystallm.diffraction import patterns
+
+    code = hashlib.sha256(Path(patterns.__file__).read_bytes()).hexdigest()  # a change there invalidates the cache
+    return dataset.map(_diffraction_rows, batched=True, batch_size=64, num_proc=num_proc, desc="XRD peaks",
+                       new_fingerprint=format_fingerprint("diffraction-peaks", code, dataset._fingerprint))
+
+
 @dataclass(frozen=True)
 class LeakageKey:
     """What two texts of one crystal share: DESIGN's (reduced formula, space group), plus Z and the

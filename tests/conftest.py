@@ -14,7 +14,7 @@ from crystallm.io.cif import structure_from_cif
 from crystallm.model_folder import TRAINING_CORPUS
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
-from crystallm.training.adapter import train_adapter
+from crystallm.training.adapter import train_adapter, train_pattern_adapter
 
 warnings.filterwarnings("ignore", module="pymatgen")
 
@@ -88,3 +88,15 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def model_with_pattern_adapter(tmp_path_factory):
+    """A tiny untrained base model folder with the powder-pattern adapter (3 steps on 64 real corpus rows) and a
+    band-gap adapter beside it."""
+    base = _save_tiny_model(tmp_path_factory.mktemp("model-with-pattern-adapter"))
+    common = {"model": str(base), "corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(base / "adapters"),
+              "batch_size": 8, "learning_rate": 1e-2, "max_steps": 3, "rank": 4}
+    train_pattern_adapter(common | {"max_rows": 64})
+    train_adapter(common | {"property": "band_gap"})
+    return base

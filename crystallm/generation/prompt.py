@@ -4,12 +4,14 @@ of a CSP benchmark."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pymatgen.core import Composition
 
 from crystallm import data, symmetry
+from crystallm.diffraction.encoder import PATTERN_ADAPTER, pattern_prefix
+from crystallm.diffraction.patterns import PowderPattern
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation.csp import read_ids
 from crystallm.generation.conditioning import check_target, condition_prefix
@@ -77,13 +79,17 @@ class Prompt:
     """What to generate. Empty: unconditional. `formula` (reduced, format order): crystal structure prediction.
     `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes.
     `property_name` + `target`: a property condition before the text (`crystallm.conditioning`), for a model
-    with that property's adapter; `target` None is the unconditional branch of guidance."""
+    with that property's adapter; `target` None is the unconditional branch of guidance. `pattern`: a powder
+    profile on `diffraction.patterns.GRID` (`PowderPattern.to_profile`) before the text, for a model with the
+    pattern adapter (`crystallm.diffraction.encoder`); `pattern_source` names it."""
 
     formula: tuple[tuple[str, int], ...] = ()
     space_group: int | None = None
     elements: tuple[str, ...] = ()
     property_name: str | None = None
     target: float | None = None
+    pattern: tuple[float, ...] = ()
+    pattern_source: str = ""
 
     @classmethod
     def of(cls, formula: str | None = None, space_group: str | int | None = None,
@@ -104,10 +110,34 @@ class Prompt:
             raise CrystaLLMInputError(f"formula {formula!r} is not in the chemical system {chemical_system!r}")
         return prompt
 
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter this prompt needs active: its property's, the pattern adapter's, or None."""
+        return self.property_name or (PATTERN_ADAPTER if self.pattern else None)
+
+    def with_pattern(self, pattern: PowderPattern) -> Prompt:
+        """This prompt conditioned on a powder pattern as well.
+
+        >>> import numpy as np
+        >>> from crystallm.diffraction.patterns import GRID
+        >>> pattern = PowderPattern(GRID, np.exp(-0.5 * ((GRID - 31.7) / 0.1) ** 2), "nacl.xy")
+        >>> prompt = Prompt.of(formula="NaCl").with_pattern(pattern)
+        >>> prompt.adapter_name, prompt.describe()
+        ('xrd', 'formula NaCl, XRD pattern nacl.xy')
+        >>> prompt.text().endswith("<value_7>data_NaCl\\n_space_group_name_H-M_alt")
+        True
+        """
+        if self.property_name:
+            raise CrystaLLMInputError(f"a pattern and a {self.property_name} target cannot go together: one adapter "
+                                      f"is active at a time")
+        profile = pattern.to_profile()
+        return replace(self, pattern=tuple(float(v) for v in profile), pattern_source=pattern.source)
+
     def text(self) -> str:
         """The prompt as the model reads it: the condition, if any, then the text format up to where the model
         takes over."""
-        text = condition_prefix(self.property_name, self.target) if self.property_name else ""
+        text = condition_prefix(self.property_name, self.target) if self.property_name else \
+            pattern_prefix() if self.pattern else ""
         if not self.formula:
             return text + text_format.DATA_PREFIX
         text += text_format.DATA_PREFIX + text_format.format_formula(dict(self.formula))
@@ -121,7 +151,8 @@ class Prompt:
         parts = [f"formula {text_format.format_formula(dict(self.formula))}" if self.formula else "",
                  f"space group {symmetry.space_group_symbol(self.space_group)} ({self.space_group})"
                  if self.space_group else "", f"chemical system {'-'.join(self.elements)}" if self.elements else "",
-                 f"{self.property_name} {self.target}" if self.property_name else ""]
+                 f"{self.property_name} {self.target}" if self.property_name else "",
+                 f"XRD pattern {self.pattern_source}" if self.pattern else ""]
         return ", ".join(p for p in parts if p) or "unconditional"
 
     def grammar(self, tokenizer, max_atoms: int, max_length: int, floor: DistanceFloor | None = None,

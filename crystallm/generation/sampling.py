@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from pymatgen.core import Structure
 from transformers import LogitsProcessorList
 
 from crystallm import symmetry
+from crystallm.diffraction.encoder import pattern_conditioning
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.distances import VALIDITY_DISTANCE, DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
@@ -251,7 +253,9 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: i
                                "negative_prompt_attention_mask": negative["attention_mask"].to(model.device)}
     # Seeded by the batch's position (resumable and reproducible), and a redraw by its attempt.
     torch.manual_seed(seed * 1_000_003 + first + attempt * 1_000_000_007)
-    with torch.no_grad(), autocast:
+    patterns = pattern_conditioning(model, tokenizer, np.array([p.pattern for p in batch])) if batch[0].pattern \
+        else contextlib.nullcontext()
+    with torch.no_grad(), autocast, patterns:
         out = model.generate(**inputs, max_new_tokens=model.config.n_positions - prompt_length,
                              logits_processor=LogitsProcessorList(processors), pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
@@ -266,8 +270,10 @@ def _adapter_context(model, prompts: list[Prompt], guidance: float):
     adapter for conditioned ones, which must be the prompts' property."""
     from crystallm.adapters import active_adapter
 
-    properties = {p.property_name for p in prompts}
+    properties = {p.adapter_name for p in prompts}
     active = active_adapter(model)
+    if guidance != 1.0 and any(p.pattern for p in prompts):
+        raise CrystaLLMInputError("guidance works with property targets, not with a pattern")
     if properties == {None}:
         if guidance != 1.0:
             raise CrystaLLMInputError("guidance needs a property target (--adapter and --target)")

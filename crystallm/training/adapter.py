@@ -1,10 +1,14 @@
-"""Training a property's LoRA adapter (PEFT) on the frozen base model, by the training convention of
-`crystallm.training.pretrain` (accelerate)."""
+"""Training a conditioning adapter (PEFT LoRA) on the frozen base model, by the training convention of
+`crystallm.training.pretrain` (accelerate): one per property (`train_adapter`), and the powder-pattern adapter
+with its pattern encoder (`train_pattern_adapter`). Both run one loop (`_train`); they differ in the prefix
+each row gets and what its forward pass runs under."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,9 @@ from tqdm import tqdm
 from crystallm.training.collator import epoch_batches
 from crystallm.training.pretrain import make_accelerator, token_weighted
 
+# rows of a batch and the step -> each row's prefix, and the context its forward pass runs in
+Condition = Callable[[object, object, list[int], int], tuple[list[str], contextlib.AbstractContextManager]]
+
 
 def train_adapter(config: dict) -> Path:
     """Train one PEFT LoRA adapter, named after its property, on a frozen base model (configs/adapter-*.yaml):
@@ -22,27 +29,88 @@ def train_adapter(config: dict) -> Path:
     condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named adapter) with a
     JSON log.
     """
-    from peft import LoraConfig, get_peft_model
-
     from crystallm.data import labelled_texts
     from crystallm.generation.conditioning import condition_prefix
-    from crystallm.generation.sampling import load_generator
     from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 
-    out, name, seed = Path(config["output_dir"]), config["property"], int(config.get("seed", 0))
+    name, seed = config["property"], int(config.get("seed", 0))
+    texts, values = labelled_texts(config["corpus"], name)
+
+    def condition(model, tokenizer, rows: list[int], step: int):
+        # Each row's draw depends on the step and the row only: processes sharing a step drop what one would.
+        dropped = [np.random.default_rng([seed, step, int(i)]).random() < float(config.get("drop_probability", 0.1))
+                   for i in rows]
+        return ([condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)],
+                contextlib.nullcontext())
+
+    # The condition tokens' embeddings, never seen in pretraining, are trained too (with LoRA alone a first
+    # adapter ignored the value token: the same samples for band gap 0 and 3 eV).
+    return _train(config, name, texts, condition, 2, [NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])
+
+
+def train_pattern_adapter(config: dict) -> Path:
+    """Train the powder-pattern adapter (`crystallm.diffraction`) on a frozen base model
+    (configs/adapter-xrd.yaml): LoRA, the pattern marker's embedding and the pattern encoder, on corpus texts
+    after their pattern's slots. A row's pattern is its structure's computed peaks (`data.add_diffraction_peaks`,
+    cached by `datasets`) made into a profile with degradations of random strength (`degraded_profile`; clean
+    for a `clean_share` of the rows). Saves the adapter to `output_dir/xrd/` with `pattern_encoder.json`.
+    """
+    from crystallm import data
+    from crystallm.diffraction.encoder import (
+        PATTERN_ADAPTER,
+        PATTERN_TOKEN,
+        PREFIX_LENGTH,
+        pattern_conditioning,
+        pattern_prefix,
+    )
+    from crystallm.diffraction.patterns import Peaks, degraded_profile
+
+    seed = int(config.get("seed", 0))
+    corpus = data.load_texts(config["corpus"])
+    if config.get("max_rows"):
+        corpus = corpus.select(range(min(len(corpus), int(config["max_rows"]))))
+    corpus = data.add_diffraction_peaks(corpus, config.get("num_proc"))
+    peaks = [Peaks.from_row(row) for row in corpus]
+    prefix = pattern_prefix()
+
+    def condition(model, tokenizer, rows: list[int], step: int):
+        profiles = []
+        for i in rows:  # drawn from the step and the row, as the property adapters' drops
+            rng = np.random.default_rng([seed, step, int(i)])
+            strength = 0.0 if rng.random() < float(config.get("clean_share", 0.25)) else rng.uniform(0.25, 1.0)
+            profiles.append(degraded_profile(peaks[i], rng, strength))
+        return [prefix] * len(rows), pattern_conditioning(model, tokenizer, np.stack(profiles))
+
+    return _train(config, PATTERN_ADAPTER, corpus["text"], condition, 1 + PREFIX_LENGTH, [PATTERN_TOKEN],
+                  pattern_encoder=True)
+
+
+def _train(config: dict, name: str, texts: list[str], condition: Condition, prefix_tokens: int,
+           trainable_tokens: list[str], pattern_encoder: bool = False) -> Path:
+    """The adapter loop: LoRA on GPT-2's Conv1D layers, the embeddings of `trainable_tokens`, and with
+    `pattern_encoder` a pattern encoder saved with the adapter; causal LM on each row's prefix + text,
+    the loss skipping `<bos>` and the `prefix_tokens`."""
+    from peft import LoraConfig, get_peft_model
+
+    from crystallm.generation.sampling import load_generator
+
+    out, seed = Path(config["output_dir"]), int(config.get("seed", 0))
     torch.manual_seed(seed)
     accelerator = make_accelerator(config)
     model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
-    # LoRA on GPT-2's Conv1D layers; the condition tokens' embeddings, never seen in pretraining, are trained too
-    # (with LoRA alone a first adapter ignored the value token: the same samples for band gap 0 and 3 eV).
-    condition_ids = tokenizer.convert_tokens_to_ids([NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])
+    encoder = None
+    if pattern_encoder:
+        from crystallm.diffraction.encoder import PatternEncoderConfig, attach_pattern_encoder
+
+        encoder = PatternEncoderConfig(hidden_size=model.config.n_embd)
+        attach_pattern_encoder(model, encoder)
     lora = LoraConfig(r=int(config.get("rank", 8)), lora_alpha=int(config.get("alpha", 16)), lora_dropout=0.0,
                       target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                      trainable_token_indices=condition_ids)
+                      trainable_token_indices=tokenizer.convert_tokens_to_ids(trainable_tokens),
+                      modules_to_save=["pattern_encoder"] if encoder is not None else None)
     model = get_peft_model(model, lora, adapter_name=name)
     # Record the base by how the config names it, not by this machine's absolute path.
     model.peft_config[name].base_model_name_or_path = config.get("model") or "crystallm/resources/default-model"
-    texts, values = labelled_texts(config["corpus"], name)
     lengths = np.array([len(text) for text in texts])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=float(config["learning_rate"]), weight_decay=0.0)
@@ -58,15 +126,12 @@ def train_adapter(config: dict) -> Path:
             batches = epoch_batches(lengths, batch_size, step, seed, accelerator.process_index,
                                     accelerator.num_processes)
         rows = batches.pop()
-        # Each row's draw depends on the step and the row only: processes sharing a step drop what one would.
-        dropped = [np.random.default_rng([seed, step, int(i)]).random() < float(config.get("drop_probability", 0.1))
-                   for i in rows]
-        prefixes = [condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)]
+        prefixes, context = condition(accelerator.unwrap_model(model), tokenizer, rows, step)
         encoded = tokenizer([p + texts[i] + tokenizer.eos_token for p, i in zip(prefixes, rows)],
                             padding=True, return_tensors="pt", padding_side="right").to(accelerator.device)
         labels = encoded["input_ids"].clone()
-        labels[:, :3] = -100  # <bos> and the two condition tokens are given, not predicted
-        with accelerator.autocast():
+        labels[:, :1 + prefix_tokens] = -100  # <bos> and the condition are given, not predicted
+        with accelerator.autocast(), context:
             loss = model(**encoded, labels=labels).loss
         targets = ((labels[:, 1:] != -100) & (encoded["attention_mask"][:, 1:] == 1)).sum()
         loss = token_weighted(accelerator, {"loss": loss}, targets)["loss"]
@@ -81,4 +146,6 @@ def train_adapter(config: dict) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out)
+        if encoder is not None:
+            encoder.to_file(out / name)
     return out / name
