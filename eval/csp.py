@@ -6,11 +6,18 @@ for each target formula, then match them to the targets.
 `model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
 `crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.
 With `rank: chgnet`, every structurally valid attempt is relaxed by CHGNet (`stability.jsonl`, resumable) and
-the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken.
+the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken. With `pattern:
+clean` (or `degraded`) each prompt holds the target's computed powder pattern (or a degraded one) for the
+model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it.
 """
 
 from pathlib import Path
 
+import numpy as np
+
+from crystallm.adapters import use_adapter
+from crystallm.diffraction.encoder import PATTERN_ADAPTER
+from crystallm.diffraction.patterns import Peaks, agreement
 from crystallm.evaluation import batch, csp, reports
 from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
@@ -27,22 +34,31 @@ def main() -> None:
     if config.get("count"):  # the first `count` ids of the list (written beside the results, which name it)
         ids_file = out / "ids.txt"
         ids_file.write_text("\n".join(csp.read_ids(config["ids"])[: int(config["count"])]) + "\n")
-    prompts, names = prompt.csp_prompts(config["targets"], ids_file, attempts)
+    pattern = config.get("pattern")  # clean or degraded: the targets' powder patterns go into the prompts
+    prompts, names = prompt.csp_prompts(config["targets"], ids_file, attempts, pattern, config.get("seed", 0))
     model, tokenizer = load_generator(config.get("model"))
+    if pattern:
+        model = use_adapter(model, PATTERN_ADAPTER)
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
                 "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
                 "refine": config.get("refine", False), "min_distance": config.get("min_distance", 0.5)}
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
-                "attempts": attempts, **sampling, "num": len(prompts)}  # `num` may grow: the folder resumes
+                "attempts": attempts, **({"pattern": pattern} if pattern else {}), **sampling,
+                "num": len(prompts)}  # `num` may grow: the folder resumes
     folder = GenerationFolder(out / "generated", settings, resume=True)
     generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
-    energies = None
+    wanted = set(names)  # a folder made for more ids holds more attempts than asked for now
+    attempted = [(name, s) for name, s in folder.valid_structures() if name in wanted]
+    scores = None
     if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
-        wanted = set(names)  # a folder made for more ids holds more attempts than asked for now
-        ranking = rank_by_energy([(name, s) for name, s in folder.valid_structures() if name in wanted],
-                                 out / "stability.jsonl", RelaxationSettings(**config.get("relaxation", {})))
-        energies = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
-    task = csp.CSPTask(config["targets"], ids_file, tuple(sorted({1, attempts})), energies)
+        ranking = rank_by_energy(attempted, out / "stability.jsonl",
+                                 RelaxationSettings(**config.get("relaxation", {})))
+        scores = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
+    elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
+        given = {csp.csp_targets(name): np.array(p.pattern) for name, p in zip(names, prompts)}
+        scores = {name: agreement(given[csp.csp_targets(name)], Peaks.from_structure(s).to_profile())
+                  for name, s in attempted}
+    task = csp.CSPTask(config["targets"], ids_file, tuple(sorted({1, attempts})), scores)
     options = batch.EvaluationOptions(records_path=out / "records.jsonl")
     summary = batch.evaluate(out / "generated", csp=task, options=options)
     summary["generation"] = generation["generation"]

@@ -1,5 +1,7 @@
 """Powder patterns (computed, read, degraded, compared) and the pattern adapter (issue 22)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from crystallm.diffraction.patterns import (
     rank_by_agreement,
 )
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.prompt import Prompt
+from crystallm.generation.prompt import Prompt, csp_prompts
 from crystallm.generation.sampling import generate_structures, load_generator
 from crystallm.io.cif import structure_from_cif
 
@@ -141,3 +143,17 @@ def test_cli_refuses_a_bad_pattern_before_loading_the_model(tmp_path, capsys):
                      "--out", str(tmp_path / "out")])
     assert code == 2 and "scan.xy: 2θ is not increasing" in capsys.readouterr().err  # not the missing model
     assert not (tmp_path / "out").exists()
+
+
+def test_csp_prompts_carry_the_targets_patterns(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(Path("../shared/benchmarks/mp20bt-test-csp200.txt").read_text().split()[:3]))
+    clean, names = csp_prompts("mp20-bt/test", ids, 2, pattern="clean")
+    degraded, _ = csp_prompts("mp20-bt/test", ids, 2, pattern="degraded", seed=0)
+    again, _ = csp_prompts("mp20-bt/test", ids, 2, pattern="degraded", seed=0)
+    assert all(p.adapter_name == "xrd" for p in clean) and degraded == again  # reproducible
+    for k in range(0, 6, 2):
+        assert 0 < agreement(np.array(degraded[k].pattern), np.array(clean[k].pattern)) < 0.5  # degraded, same crystal
+    assert clean[0].pattern != clean[2].pattern and names[0].split("__")[0] in clean[0].pattern_source
+    with pytest.raises(CrystaLLMInputError, match="clean, degraded or none"):
+        csp_prompts("mp20-bt/test", ids, 1, pattern="noisy")

@@ -101,6 +101,6 @@ def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():
     cesium_chloride = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
     records = [ScoredStructure("t__0", structure=cesium_chloride), ScoredStructure("t__1", structure=rock_salt)]
     targets = [ScoredStructure("t", structure=rock_salt)]
-    result = evaluate_csp(records, targets, (1, 2), energies={"t__0": -3.0, "t__1": -3.4})
+    result = evaluate_csp(records, targets, (1, 2), ranking={"t__0": -3.0, "t__1": -3.4})
     assert result["n=1"]["match_rate"] == 0.0 and result["n=2"]["match_rate"] == 1.0
     assert result["ranked n=1"]["match_rate"] == 1.0

@@ -17,12 +17,13 @@ from crystallm.evaluation.scoring import ScoredStructure
 class CSPTask:
     """What `evaluate` matches predictions against: the targets (a split such as `mp20-bt/test`, or any
     collection), optionally only the ids listed in `ids_file` (`../shared/benchmarks/*.txt`), at each n of
-    `attempts`; `energies` (entry name -> relaxed energy per atom) adds `ranked n=1` (see `evaluate_csp`)."""
+    `attempts`; `ranking` (entry name -> a score, lower first: the relaxed energy per atom, or the disagreement
+    with a powder pattern) adds `ranked n=1` (see `evaluate_csp`)."""
 
     targets: str
     ids_file: str | Path | None = None
     attempts: tuple[int, ...] = (1, 20)
-    energies: dict[str, float] | None = None
+    ranking: dict[str, float] | None = None
 
 
 def csp_targets(name: str) -> str:
@@ -40,19 +41,20 @@ def read_ids(path: str | Path) -> list[str]:
 
 
 def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure], attempts: tuple[int, ...] = (1, 20),
-                 energies: dict[str, float] | None = None) -> dict:
+                 ranking: dict[str, float] | None = None) -> dict:
     """CSP match rate and mean RMS at each n in `attempts`. Predictions are grouped by target id (entry names
-    '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched. With `energies`
-    (entry name -> relaxed energy per atom), `ranked n=1` is the match rate of each target's lowest-energy
-    prediction: what a user who takes the first of the ranked attempts gets (no energy: ranked last)."""
+    '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched. With `ranking`
+    (entry name -> score, e.g. relaxed energy per atom), `ranked n=1` is the match rate of each target's
+    lowest-scored prediction: what a user who takes the first of the ranked attempts gets (no score: ranked
+    last)."""
     predictions: dict[str, list[tuple[str, Structure | None]]] = {}
     for r in records:
         predictions.setdefault(csp_targets(r.name), []).append((r.name, None if r.error else r.structure))
     target_structures = [t.structure for t in targets]
     groups = [predictions.get(t.name, []) for t in targets]
     orders = {f"n={n}": ([[s for _, s in group] for group in groups], n) for n in attempts}
-    if energies is not None:
-        orders["ranked n=1"] = ([[s for _, s in sorted(group, key=lambda p: energies.get(p[0], math.inf))]
+    if ranking is not None:
+        orders["ranked n=1"] = ([[s for _, s in sorted(group, key=lambda p: ranking.get(p[0], math.inf))]
                                  for group in groups], 1)
     results = {}
     for key, (candidates, n) in orders.items():

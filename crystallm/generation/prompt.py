@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from pymatgen.core import Composition
 
 from crystallm import data, symmetry
 from crystallm.diffraction.encoder import PATTERN_ADAPTER, pattern_prefix
-from crystallm.diffraction.patterns import PowderPattern
+from crystallm.diffraction.patterns import GRID, Peaks, PowderPattern, degraded_profile
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation.csp import read_ids
 from crystallm.generation.conditioning import check_target, condition_prefix
@@ -180,21 +181,32 @@ class Prompt:
         return processor
 
 
-def csp_prompts(split: str, ids_file: str | Path, attempts: int) -> tuple[list, list[str]]:
-    """CSP prompts (each target's reduced formula, `attempts` times) and their entry names '<id>__<k>'.
+def csp_prompts(split: str, ids_file: str | Path, attempts: int, pattern: str | None = None,
+                seed: int = 0) -> tuple[list, list[str]]:
+    """CSP prompts (each target's reduced formula, `attempts` times) and their entry names '<id>__<k>'. With
+    `pattern` "clean" each prompt also holds the target's computed powder pattern; with "degraded", that pattern
+    degraded as a measurement would be (`degraded_profile`, drawn from `seed` and the target's place).
 
     >>> prompts, names = csp_prompts("mp20-bt/test", "../shared/benchmarks/mp20bt-test-csp200.txt", 2)
     >>> len(prompts), names[:2], prompts[0] == prompts[1]
     (400, ['mp-1095419__0', 'mp-1095419__1'], True)
     """
+    if pattern not in (None, "clean", "degraded"):
+        raise CrystaLLMInputError(f"pattern {pattern!r}: clean, degraded or none")
     benchmark, _, part = split.partition("/")
     dataset = data.load_split(benchmark, part)
     cif_of = dict(zip(dataset["id"], dataset["cif"]))
     prompts, names = [], []
-    for target in read_ids(ids_file):
+    for place, target in enumerate(read_ids(ids_file)):
         if target not in cif_of:
             raise CrystaLLMInputError(f"{ids_file}: id {target!r} is not in {split}")
-        formula = cif.structure_from_cif(cif_of[target], target).composition.reduced_formula
-        prompts += [Prompt.of(formula=formula)] * attempts
+        structure = cif.structure_from_cif(cif_of[target], target)
+        prompt = Prompt.of(formula=structure.composition.reduced_formula)
+        if pattern:
+            peaks = Peaks.from_structure(structure)
+            profile = peaks.to_profile() if pattern == "clean" else \
+                degraded_profile(peaks, np.random.default_rng([seed, place]))
+            prompt = prompt.with_pattern(PowderPattern(GRID, profile.astype(float), f"{target} ({pattern})"))
+        prompts += [prompt] * attempts
         names += [f"{target}__{k}" for k in range(attempts)]
     return prompts, names
