@@ -9,14 +9,7 @@ import torch
 from crystallm import cli
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import pattern_conditioning, pattern_prefix
-from crystallm.diffraction.patterns import (
-    GRID,
-    Peaks,
-    PowderPattern,
-    agreement,
-    degraded_profile,
-    rank_by_agreement,
-)
+from crystallm.diffraction.patterns import GRID, Peaks, PowderPattern, agreement, degraded_profile, rank_by_agreement
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt, csp_prompts
 from crystallm.generation.sampling import generate_structures, load_generator
