@@ -61,4 +61,39 @@ def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure],
         result, _ = matching.csp_match(target_structures, candidates, n)
         results[key] = {"match_rate": result.match_rate, "mean_rms": result.mean_rms,
                         "matched": result.matched, "targets": result.targets}
+    first, _ = orders["ranked n=1" if ranking is not None else f"n={min(attempts)}"]
+    results["lattice n=1"] = lattice_errors([group[0] if group else None for group in first], target_structures)
     return results
+
+
+def _conventional_lattice(structure: Structure) -> tuple[list[float], float]:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        cell = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
+    except ValueError:  # spglib fails on pathological cells: the cell as written
+        cell = structure
+    return sorted(cell.lattice.abc), structure.volume / len(structure)
+
+
+def lattice_errors(predictions: list[Structure | None], targets: list[Structure]) -> dict:
+    """How far each target's first prediction's cell is from the target's: mean absolute error of the three
+    lattice lengths (Å; both cells in their conventional standard setting at symprec 0.1, lengths sorted, so
+    axis choices do not count) and of the volume per atom (Å³), over the targets with a parsed prediction.
+
+    >>> from pymatgen.core import Lattice
+    >>> cell = lambda a: Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    >>> errors = lattice_errors([cell(5.7), None], [cell(5.6), cell(5.6)])
+    >>> round(errors["length_mae"], 3), errors["compared"]
+    (0.1, 1)
+    """
+    lengths, volumes = [], []
+    for predicted, target in zip(predictions, targets):
+        if predicted is None:
+            continue
+        (predicted_abc, predicted_volume), (target_abc, target_volume) = map(_conventional_lattice,
+                                                                             (predicted, target))
+        lengths.append(sum(abs(p - t) for p, t in zip(predicted_abc, target_abc)) / 3)
+        volumes.append(abs(predicted_volume - target_volume))
+    return {"length_mae": sum(lengths) / len(lengths) if lengths else None,
+            "volume_per_atom_mae": sum(volumes) / len(volumes) if volumes else None, "compared": len(lengths)}
