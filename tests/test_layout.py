@@ -12,7 +12,7 @@ PACKAGE = Path(crystallm.__file__).parent
 LAYERS = [
     {"errors", "symmetry", "stage_config"},
     {"io"},
-    {"tokenization", "configuration", "modeling", "model_folder", "adapters"},
+    {"tokenization", "configuration", "modeling", "model_folder", "adapters", "diffraction"},
     {"data"},
     {"evaluation"},
     {"generation"},
