@@ -261,8 +261,9 @@ def _rank_by_pattern(folder, pattern) -> None:
               f"(a b c = {row['a']:.3f} {row['b']:.3f} {row['c']:.3f} A)")
     if matches:
         plot_overlay(given, matches[0], folder.directory / "pattern_overlay.png", pattern.source)
-    print(f"ranked {len(rows)} structures by agreement with {pattern.source} (Rwp-like, unit weights, 0 = the same "
-          f"up to scale): {folder.directory}/pattern_ranking.csv, best overlaid in pattern_overlay.png")
+    print(f"ranked {len(rows)} structures by agreement with {pattern.source} (Rwp-like on profiles smoothed to 1 "
+          f"degree, 0 = the same up to scale, 1 = no overlap): {folder.directory}/pattern_ranking.csv; the best is "
+          f"plotted against it in pattern_overlay.png")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -260,20 +260,21 @@ def rank_by_agreement(structures: list[tuple[str, Structure]], given: np.ndarray
 
 
 def plot_overlay(given: np.ndarray, match: PatternMatch, path: str | Path, source: str = "given") -> None:
-    """Save a PNG of the given profile and a structure's computed one, on the grid."""
+    """Save a PNG of the given profile (up) and a structure's computed one (mirrored down), each scaled to a
+    maximum of 1, on the grid."""
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 3.6))
+    figure, axes = plt.subplots(figsize=(9, 4))
     axes.plot(GRID, given, color="black", linewidth=1.0, label=f"given ({Path(source).name})")
-    scale = float(given @ match.profile) / max(float(match.profile @ match.profile), 1e-12)
-    axes.plot(GRID, scale * match.profile, color="tab:red", linewidth=0.9, alpha=0.8,
+    axes.plot(GRID, -match.profile, color="tab:red", linewidth=1.0,
               label=f"{match.name}: {match.structure.composition.reduced_formula}, computed "
                     f"(disagreement {match.disagreement:.3f})")
+    axes.axhline(0, color="grey", linewidth=0.5)
     axes.set_xlabel("2θ (degrees, Cu Kα)")
-    axes.set_ylabel("intensity (scaled)")
+    axes.set_ylabel("intensity (each scaled to 1)")
     axes.set_xlim(*TWO_THETA_RANGE)
     axes.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
