@@ -6,9 +6,11 @@ On `test_rows` seeded mp20-bt test texts: (a) causal-LM loss, (b) masked-element
 element hidden everywhere), (c) retrieval top-1 of a hard view (`text_format.hard_view`) among all those texts and
 among those of its formula. (d) For each of `properties`, the held-out MAE of the surrogate fitted on the model's
 embeddings as `train/surrogate.py` fits it (corpus rows with the property; all of mp20-bt test).
-Writes `<output_dir>/summary.json` and `summary.md`.
+Writes `<output_dir>/summary.json` and `summary.md`. A model measured before (the same name and the same weights,
+by their SHA-256, in the summary already there) is not measured again.
 """
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -38,6 +40,11 @@ def surrogate_maes(model, tokenizer, labelled: dict, seed: int) -> dict[str, flo
     return maes
 
 
+def weights_digest(path: str) -> str:
+    """SHA-256 of a model folder's weights: a model retrained in the same folder is measured again."""
+    return hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
+
+
 def main() -> None:
     config = read_stage_config(__doc__)
     seed = config.get("seed", 0)
@@ -49,10 +56,18 @@ def main() -> None:
     labelled = {name: (data.labelled_texts(config["corpus"], name),
                        data.labelled_texts(config["test_texts"], name, (TEST_SOURCE,)))
                 for name in config["properties"]}
-    results = {}
+    out = Path(config["output_dir"])
+    before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    results, digests, texts_in_groups = {}, {}, before.get("texts_in_formula_groups")
     for name, path in config["models"].items():
+        digests[name] = weights_digest(path)
+        if before.get("weights", {}).get(name) == digests[name] and name in before.get("results", {}):
+            results[name] = before["results"][name]
+            print(name, "measured before:", json.dumps(results[name]), flush=True)
+            continue
         model = load_model(path).eval()
         retrieval = probes.retrieval(model, collator, test_texts, seed=seed)
+        texts_in_groups = retrieval.texts_in_groups
         results[name] = {
             "heldout_clm_loss": probes.causal_lm_loss(model, collator, test_texts),
             "masked_atom_accuracy": probes.masked_atom_accuracy(model, collator, test_texts),
@@ -61,12 +76,11 @@ def main() -> None:
             **surrogate_maes(model, tokenizer, labelled, seed),
         }
         print(name, json.dumps(results[name]), flush=True)
-    summary = {"models": config["models"], "test_rows": len(test_texts),
-               "texts_in_formula_groups": retrieval.texts_in_groups,
+    summary = {"models": config["models"], "weights": digests, "test_rows": len(test_texts),
+               "texts_in_formula_groups": texts_in_groups,
                "surrogate_rows": {name: {"train": len(train[0]), "test": len(test[0])}
                                   for name, (train, test) in labelled.items()},
                "results": results}
-    out = Path(config["output_dir"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     keys = list(next(iter(results.values())))
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
