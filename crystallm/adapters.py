@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crystallm.diffraction.encoder import ENCODER_CONFIG_FILE, PatternEncoderConfig, attach_pattern_encoder
+from crystallm.diffraction.encoder import (
+    ENCODER_CONFIG_FILE,
+    PATTERN_ADAPTER,
+    PatternEncoderConfig,
+    attach_pattern_encoder,
+)
 from crystallm.errors import CrystaLLMInputError
 from crystallm.model_folder import loaded_from
 
@@ -53,8 +58,9 @@ def use_adapter(model, adapter: str):
         path = folder / ADAPTERS_FOLDER / adapter
         if not (path / "adapter_config.json").exists():
             known = available_adapters(folder)
+            stage = "train/pattern_adapter.py" if adapter == PATTERN_ADAPTER else "train/adapter.py"
             raise CrystaLLMInputError(f"no adapter {adapter!r} for the model in {folder}; available: "
-                                      f"{', '.join(known) if known else 'none (train one with train/adapter.py)'}")
+                                      f"{', '.join(known) or 'none'} (train one with {stage})")
     if (path / ENCODER_CONFIG_FILE).exists():  # the pattern adapter: its encoder's weights load with it
         attach_pattern_encoder(model, PatternEncoderConfig.from_file(path))
     if isinstance(model, PeftModel):

@@ -150,3 +150,12 @@ def test_csp_prompts_carry_the_targets_patterns(tmp_path):
     assert clean[0].pattern != clean[2].pattern and names[0].split("__")[0] in clean[0].pattern_source
     with pytest.raises(CrystaLLMInputError, match="clean, degraded or none"):
         csp_prompts("mp20-bt/test", ids, 1, pattern="noisy")
+
+
+def test_a_model_without_the_pattern_adapter_says_how_to_train_one(model_with_adapters, tmp_path, capsys):
+    pattern = _write_xy(tmp_path / "p.xy", GRID, np.exp(-0.5 * ((GRID - 31.7) / 0.1) ** 2))
+    code = cli.main(["generate", "--model", str(model_with_adapters), "--xrd", str(pattern), "--formula", "NaCl",
+                     "--out", str(tmp_path / "out")])
+    assert code == 2 and ("no adapter 'xrd' for the model in" in (err := capsys.readouterr().err)
+                          and "available: band_gap, formation_energy_per_atom (train one with "
+                              "train/pattern_adapter.py)" in err)
