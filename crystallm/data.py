@@ -337,13 +337,16 @@ def build_pretraining_corpus(num_proc: int | None = None) -> CorpusBuild:
     return CorpusBuild(corpus, tests, leaks, len(candidates) - len(unique), failures)
 
 
-def load_texts(path: str | Path) -> datasets.Dataset:
-    """A CSV of texts written by `train/prepare_corpus.py` (columns id, source, text).
+def load_texts(path: str | Path, max_rows: int | None = None) -> datasets.Dataset:
+    """A CSV of texts written by `train/prepare_corpus.py` (columns id, source, text); its first `max_rows` only
+    when given.
 
-    >>> load_texts("data/pretraining-corpus.csv.gz").column_names
-    ['id', 'source', 'text']
+    >>> corpus = "data/pretraining-corpus.csv.gz"
+    >>> load_texts(corpus).column_names, load_texts(corpus, max_rows=3).num_rows
+    (['id', 'source', 'text'], 3)
     """
-    return datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
+    texts = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
+    return texts.select(range(min(len(texts), int(max_rows)))) if max_rows else texts
 
 
 def labelled_texts(texts_path: str | Path, property_name: str, sources: tuple[str, ...] | None = None,

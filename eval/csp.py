@@ -17,7 +17,7 @@ import numpy as np
 
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import PATTERN_ADAPTER
-from crystallm.diffraction.patterns import Peaks, agreement
+from crystallm.diffraction.patterns import rank_by_agreement
 from crystallm.evaluation import batch, csp, reports
 from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
@@ -56,8 +56,9 @@ def main() -> None:
         scores = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
     elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
         given = {csp.csp_targets(name): np.array(p.pattern) for name, p in zip(names, prompts)}
-        scores = {name: agreement(given[csp.csp_targets(name)], Peaks.from_structure(s).to_profile())
-                  for name, s in attempted}
+        by_target = {target: [a for a in attempted if csp.csp_targets(a[0]) == target] for target in given}
+        scores = {match.name: match.disagreement for target, profile in given.items()
+                  for match in rank_by_agreement(by_target[target], profile)}
     task = csp.CSPTask(config["targets"], ids_file, tuple(sorted({1, attempts})), scores)
     options = batch.EvaluationOptions(records_path=out / "records.jsonl")
     summary = batch.evaluate(out / "generated", csp=task, options=options)

@@ -151,23 +151,20 @@ class PowderPattern:
         or a 2θ range that is not Cu Kα's 5-90 degrees.
         """
         path = Path(path)
-        if path.suffix.lower() == ".cif":
-            from crystallm.io import cif
-
-            try:
-                text = path.read_text()
-            except OSError as error:
-                raise CrystaLLMInputError(f"pattern {path}: cannot read it ({error.strerror})") from None
-            peaks = Peaks.from_structure(cif.structure_from_cif(text, str(path)))
-            return cls(GRID.copy(), peaks.to_profile().astype(float), str(path))
-        if path.suffix.lower() not in PATTERN_SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix != ".cif" and suffix not in PATTERN_SUFFIXES:
             raise CrystaLLMInputError(f"pattern {path}: unknown kind of file; give a two-column 2θ/intensity "
                                       f"export ({', '.join(PATTERN_SUFFIXES)}) or a CIF")
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            text = path.read_text(errors="replace")
         except OSError as error:
             raise CrystaLLMInputError(f"pattern {path}: cannot read it ({error.strerror})") from None
-        return cls.from_columns(_numeric_rows(lines, path), str(path))
+        if suffix == ".cif":
+            from crystallm.io import cif
+
+            peaks = Peaks.from_structure(cif.structure_from_cif(text, str(path)))
+            return cls(GRID.copy(), peaks.to_profile().astype(float), str(path))
+        return cls.from_columns(_numeric_rows(text.splitlines(), path), str(path))
 
     @classmethod
     def from_columns(cls, rows: np.ndarray, source: str) -> PowderPattern:

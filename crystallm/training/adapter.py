@@ -66,9 +66,7 @@ def train_pattern_adapter(config: dict) -> Path:
     from crystallm.diffraction.patterns import Peaks, degraded_profile
 
     seed = int(config.get("seed", 0))
-    corpus = data.load_texts(config["corpus"])
-    if config.get("max_rows"):
-        corpus = corpus.select(range(min(len(corpus), int(config["max_rows"]))))
+    corpus = data.load_texts(config["corpus"], config.get("max_rows"))
     corpus = data.add_diffraction_peaks(corpus, config.get("num_proc"))
     peaks = [Peaks.from_row(row) for row in corpus]
     prefix = pattern_prefix()

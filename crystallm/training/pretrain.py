@@ -90,9 +90,7 @@ def pretrain(config: dict) -> Path:
     torch.manual_seed(seed)
     accelerator = make_accelerator(config)
     tokenizer = CrystaLLMTokenizer.from_format()
-    corpus = data.load_texts(config["corpus"])
-    if config.get("max_rows"):
-        corpus = corpus.select(range(min(len(corpus), int(config["max_rows"]))))
+    corpus = data.load_texts(config["corpus"], config.get("max_rows"))
     texts = corpus["text"]
     train_texts, eval_texts = held_out_split(texts, seed, int(config.get("eval_rows", 512)))
 
