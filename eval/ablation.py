@@ -7,7 +7,8 @@ element hidden everywhere), (c) retrieval top-1 of a hard view (`text_format.har
 among those of its formula. (d) For each of `properties`, the held-out MAE of the surrogate fitted on the model's
 embeddings as `train/surrogate.py` fits it (corpus rows with the property; all of mp20-bt test).
 Writes `<output_dir>/summary.json` and `summary.md`. A model measured before (the same name and the same weights,
-by their SHA-256, in the summary already there) is not measured again.
+by their SHA-256, in the summary already there) is not measured again; nor is one measured before whose folder
+has gone (runs/ of an earlier session): its result is kept.
 """
 
 import hashlib
@@ -60,7 +61,8 @@ def main() -> None:
     before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     results, digests, texts_in_groups = {}, {}, before.get("texts_in_formula_groups")
     for name, path in config["models"].items():
-        digests[name] = weights_digest(path)
+        gone = not (Path(path) / "model.safetensors").exists()  # a run of an earlier session, measured then
+        digests[name] = before.get("weights", {}).get(name) if gone else weights_digest(path)
         if before.get("weights", {}).get(name) == digests[name] and name in before.get("results", {}):
             results[name] = before["results"][name]
             print(name, "measured before:", json.dumps(results[name]), flush=True)
