@@ -22,23 +22,46 @@ import torch
 from torch import nn
 
 from crystallm.diffraction.patterns import GRID
+from crystallm.io.text_format import read_crystal_text
 from crystallm.tokenization import PROPERTY_TOKENS, VALUE_TOKENS
 
 PATTERN_TOKEN = PROPERTY_TOKENS[-1]  # marks a pattern condition; properties use the first tokens
 PATTERN_ADAPTER = "xrd"  # the adapter's name
 PREFIX_LENGTH = 8  # pattern slots in a prompt
 ENCODER_CONFIG_FILE = "pattern_encoder.json"
+LATTICE_VALUES = 6  # what the encoder's lattice head predicts: `lattice_values`
+
+
+def lattice_values(text: str) -> np.ndarray:
+    """The cell a text writes, as the encoder's lattice head predicts it: the logarithms of a, b, c (Å) and the
+    cosines of α, β, γ.
+
+    >>> lattice_values("data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n"
+    ...                "loop_\\n_atom_site_type_symbol\\n_atom_site_Wyckoff_symbol\\n_atom_site_fract_x\\n"
+    ...                "_atom_site_fract_y\\n_atom_site_fract_z\\nNa 4a . . .\\nCl 4b . . .").round(3).tolist()
+    [1.73, 1.73, 1.73, 0.0, 0.0, 0.0]
+    """
+    a, b, c, alpha, beta, gamma = read_crystal_text(text).lattice_parameters
+    return np.array([np.log(a), np.log(b), np.log(c), *np.cos(np.radians([alpha, beta, gamma]))])
 
 
 @dataclasses.dataclass(frozen=True)
 class PatternEncoderConfig:
-    """The encoder's shape: the GPT's hidden size, profile length, convolution channels (each layer halves the
-    length) and attention heads. It writes PREFIX_LENGTH embeddings."""
+    """The encoder's shape: the GPT's hidden size, the mean norm of its token embeddings (the size each prefix
+    vector is given), profile length, convolution channels (each layer halves the length) and the width of the
+    MLP. It writes PREFIX_LENGTH embeddings."""
 
     hidden_size: int
+    embedding_norm: float = 1.0
     grid_size: int = len(GRID)
-    channels: tuple[int, ...] = (32, 64, 128, 128)
-    heads: int = 4
+    channels: tuple[int, ...] = (32, 64, 64, 32)
+    bottleneck: int = 256
+
+    @classmethod
+    def for_model(cls, model) -> PatternEncoderConfig:
+        """The shape for a GPT: its width, and its token embeddings' mean norm."""
+        embeddings = model.get_input_embeddings().weight
+        return cls(hidden_size=embeddings.shape[1], embedding_norm=float(embeddings.norm(dim=-1).mean()))
 
     def to_file(self, folder: str | Path) -> None:
         (Path(folder) / ENCODER_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -50,13 +73,19 @@ class PatternEncoderConfig:
 
 
 class PatternEncoder(nn.Module):
-    """Strided 1-D convolutions over the square root of the profile (weak peaks count), then PREFIX_LENGTH
-    learned queries attend over the positions (with position embeddings: a peak's place is the lattice) and are
-    projected to the GPT's width.
+    """Strided 1-D convolutions over the square root of the profile (weak peaks count), then an MLP over the
+    flattened features, whose weights differ by position (a peak's place is the lattice), to PREFIX_LENGTH
+    vectors. Each is normalized to the token embeddings' norm, so the prefix cannot drown the text: an unbounded
+    prefix grew to 40 times that norm in training and carried almost nothing of the pattern. No layer has a
+    bias, so an empty stretch of the pattern gives zero features and the prefix is all pattern: with biases, 99.5%
+    of it was the same for every pattern at initialization. A linear lattice head reads the cell
+    (`lattice_values`, standardized) from the prefix: trained with it, the prefix must carry the lattice, where
+    the language-model loss alone let the prefix collapse to the same vectors for every pattern.
 
-    >>> encoder = PatternEncoder(PatternEncoderConfig(hidden_size=32))
-    >>> encoder(torch.rand(2, len(GRID))).shape
-    torch.Size([2, 8, 32])
+    >>> encoder = PatternEncoder(PatternEncoderConfig(hidden_size=32, embedding_norm=2.0))
+    >>> prefix, lattice = encoder(torch.rand(2, len(GRID)))
+    >>> prefix.shape, lattice.shape, [round(float(n), 3) for n in prefix.detach().norm(dim=-1)[0, :2]]
+    (torch.Size([2, 8, 32]), torch.Size([2, 6]), [2.0, 2.0])
     """
 
     def __init__(self, config: PatternEncoderConfig):
@@ -64,20 +93,19 @@ class PatternEncoder(nn.Module):
         self.config = config
         layers, width, length = [], 1, config.grid_size
         for channels in config.channels:
-            layers += [nn.Conv1d(width, channels, kernel_size=7, stride=2, padding=3), nn.GELU()]
+            layers += [nn.Conv1d(width, channels, kernel_size=7, stride=2, padding=3, bias=False), nn.GELU()]
             width, length = channels, (length + 1) // 2
         self.convolutions = nn.Sequential(*layers)
-        self.positions = nn.Parameter(torch.randn(length, width) * 0.02)
-        self.queries = nn.Parameter(torch.randn(PREFIX_LENGTH, width) * 0.02)
-        self.attention = nn.MultiheadAttention(width, config.heads, batch_first=True)
-        self.norm = nn.LayerNorm(width)
-        self.projection = nn.Linear(width, config.hidden_size)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, config.bottleneck, bias=False), nn.GELU(),
+                                  nn.Linear(config.bottleneck, PREFIX_LENGTH * config.hidden_size, bias=False))
+        self.lattice_head = nn.Linear(PREFIX_LENGTH * config.hidden_size, LATTICE_VALUES)
 
-    def forward(self, profiles: torch.Tensor) -> torch.Tensor:
-        features = self.convolutions(profiles.clamp(min=0).sqrt().unsqueeze(1)).transpose(1, 2) + self.positions
-        queries = self.queries.expand(len(profiles), -1, -1)
-        pooled, _ = self.attention(queries, features, features, need_weights=False)
-        return self.projection(self.norm(pooled))
+    def forward(self, profiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix (rows × PREFIX_LENGTH × hidden size) and the standardized lattice it implies (rows × 6)."""
+        features = self.convolutions(profiles.clamp(min=0).sqrt().unsqueeze(1))
+        prefix = self.head(features).view(len(profiles), PREFIX_LENGTH, self.config.hidden_size)
+        prefix = nn.functional.normalize(prefix, dim=-1) * self.config.embedding_norm
+        return prefix, self.lattice_head(prefix.flatten(1))
 
 
 def pattern_prefix() -> str:
@@ -104,7 +132,8 @@ def attach_pattern_encoder(model, config: PatternEncoderConfig) -> None:
 @contextlib.contextmanager
 def pattern_conditioning(model, tokenizer, profiles: np.ndarray | torch.Tensor):
     """Within the block, each row's pattern slots are embedded by the pattern encoder from that row's profile
-    (rows of `profiles`, one per sequence of the batch); the rest of the input embeds as usual.
+    (rows of `profiles`, one per sequence of the batch); the rest of the input embeds as usual. The block gets a
+    dict that holds, after a forward pass, the encoder's `lattice` prediction for the rows (for its training).
 
     >>> from crystallm.configuration import CrystaLLMConfig
     >>> from crystallm.modeling import CrystaLLMForCausalLM
@@ -113,22 +142,23 @@ def pattern_conditioning(model, tokenizer, profiles: np.ndarray | torch.Tensor):
     >>> model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2))
     >>> attach_pattern_encoder(model, PatternEncoderConfig(hidden_size=32))
     >>> ids = tokenizer([pattern_prefix() + "data_NaCl"] * 2, return_tensors="pt")["input_ids"]
-    >>> with pattern_conditioning(model, tokenizer, np.stack([np.zeros(len(GRID)), np.ones(len(GRID))])):
+    >>> with pattern_conditioning(model, tokenizer, np.stack([np.zeros(len(GRID)), np.ones(len(GRID))])) as encoded:
     ...     logits = model(ids).logits
-    >>> bool((logits[0] != logits[1]).any())  # the same tokens, two patterns
-    True
+    >>> bool((logits[0] != logits[1]).any()), encoded["lattice"].shape  # the same tokens, two patterns
+    (True, torch.Size([2, 6]))
     """
     base = _base(model)
     encoder = base.pattern_encoder
     slot_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(VALUE_TOKENS)), device=base.device)
     profiles = torch.as_tensor(np.asarray(profiles), dtype=torch.float32, device=base.device)
+    encoded = {}
 
     def replace_slots(module, inputs, output):
         ids = inputs[0]
         slots = torch.isin(ids, slot_ids)
         if not slots.any():  # generation steps after the prompt
             return output
-        prefix = encoder(profiles)
+        prefix, encoded["lattice"] = encoder(profiles)
         rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)[slots]
         slot = torch.searchsorted(slot_ids, ids[slots])  # value tokens have consecutive ids
         output = output.clone()
@@ -137,6 +167,6 @@ def pattern_conditioning(model, tokenizer, profiles: np.ndarray | torch.Tensor):
 
     handle = base.get_input_embeddings().register_forward_hook(replace_slots)
     try:
-        yield
+        yield encoded
     finally:
         handle.remove()

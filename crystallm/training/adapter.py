@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from crystallm.training.collator import epoch_batches
@@ -53,13 +54,16 @@ def train_pattern_adapter(config: dict) -> Path:
     (configs/adapter-xrd.yaml): LoRA, the pattern marker's embedding and the pattern encoder, on corpus texts
     after their pattern's slots. A row's pattern is its structure's computed peaks (`data.add_diffraction_peaks`,
     cached by `datasets`) made into a profile with degradations of random strength (`degraded_profile`; clean
-    for a `clean_share` of the rows). Saves the adapter to `output_dir/xrd/` with `pattern_encoder.json`.
+    for a `clean_share` of the rows). The loss adds `lattice_weight` times the mean squared error of the
+    encoder's lattice head (the text's cell, `lattice_values`, standardized over the corpus). Saves the adapter to
+    `output_dir/xrd/` with `pattern_encoder.json`.
     """
     from crystallm import data
     from crystallm.diffraction.encoder import (
         PATTERN_ADAPTER,
         PATTERN_TOKEN,
         PREFIX_LENGTH,
+        lattice_values,
         pattern_conditioning,
         pattern_prefix,
     )
@@ -70,6 +74,8 @@ def train_pattern_adapter(config: dict) -> Path:
     corpus = data.add_diffraction_peaks(corpus, config.get("num_proc"))
     peaks = [Peaks.from_row(row) for row in corpus]
     prefix = pattern_prefix()
+    cells = np.stack([lattice_values(text) for text in corpus["text"]])
+    cells = torch.tensor((cells - cells.mean(0)) / cells.std(0).clip(1e-6), dtype=torch.float32)
 
     def condition(model, tokenizer, rows: list[int], step: int):
         profiles = []
@@ -79,15 +85,21 @@ def train_pattern_adapter(config: dict) -> Path:
             profiles.append(degraded_profile(peaks[i], rng, strength))
         return [prefix] * len(rows), pattern_conditioning(model, tokenizer, np.stack(profiles))
 
+    def lattice_loss(encoded: dict, rows: list[int]) -> torch.Tensor:
+        target = cells[rows].to(encoded["lattice"].device)
+        return float(config.get("lattice_weight", 1.0)) * nn.functional.mse_loss(encoded["lattice"].float(), target)
+
     return _train(config, PATTERN_ADAPTER, corpus["text"], condition, 1 + PREFIX_LENGTH, [PATTERN_TOKEN],
-                  pattern_encoder=True)
+                  pattern_encoder=True, auxiliary=lattice_loss)
 
 
 def _train(config: dict, name: str, texts: list[str], condition: Condition, prefix_tokens: int,
-           trainable_tokens: list[str], pattern_encoder: bool = False) -> Path:
+           trainable_tokens: list[str], pattern_encoder: bool = False,
+           auxiliary: Callable[[object, list[int]], torch.Tensor] | None = None) -> Path:
     """The adapter loop: LoRA on GPT-2's Conv1D layers, the embeddings of `trainable_tokens`, and with
     `pattern_encoder` a pattern encoder saved with the adapter; causal LM on each row's prefix + text,
-    the loss skipping `<bos>` and the `prefix_tokens`."""
+    the loss skipping `<bos>` and the `prefix_tokens`, plus `auxiliary(what the condition's context gave, rows)`
+    when given."""
     from peft import LoraConfig, get_peft_model
 
     from crystallm.generation.sampling import load_generator
@@ -100,7 +112,7 @@ def _train(config: dict, name: str, texts: list[str], condition: Condition, pref
     if pattern_encoder:
         from crystallm.diffraction.encoder import PatternEncoderConfig, attach_pattern_encoder
 
-        encoder = PatternEncoderConfig(hidden_size=model.config.n_embd)
+        encoder = PatternEncoderConfig.for_model(model)
         attach_pattern_encoder(model, encoder)
     lora = LoraConfig(r=int(config.get("rank", 8)), lora_alpha=int(config.get("alpha", 16)), lora_dropout=0.0,
                       target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
@@ -129,17 +141,18 @@ def _train(config: dict, name: str, texts: list[str], condition: Condition, pref
                             padding=True, return_tensors="pt", padding_side="right").to(accelerator.device)
         labels = encoded["input_ids"].clone()
         labels[:, :1 + prefix_tokens] = -100  # <bos> and the condition are given, not predicted
-        with accelerator.autocast(), context:
+        with accelerator.autocast(), context as conditioned:
             loss = model(**encoded, labels=labels).loss
         targets = ((labels[:, 1:] != -100) & (encoded["attention_mask"][:, 1:] == 1)).sum()
         loss = token_weighted(accelerator, {"loss": loss}, targets)["loss"]
-        accelerator.backward(loss * accelerator.num_processes)
+        extra = auxiliary(conditioned, rows) if auxiliary else torch.zeros((), device=loss.device)
+        accelerator.backward((loss + extra) * accelerator.num_processes)
         optimizer.step()
         optimizer.zero_grad()
         step_loss = float(accelerator.reduce(loss.detach(), "sum"))
         if accelerator.is_main_process:
             with open(log_path, "a") as log:
-                log.write(json.dumps({"step": step, "loss": step_loss,
+                log.write(json.dumps({"step": step, "loss": step_loss, "auxiliary": float(extra),
                                       "seconds": time.perf_counter() - started}) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
