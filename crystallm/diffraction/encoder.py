@@ -76,9 +76,8 @@ class PatternEncoder(nn.Module):
     """Strided 1-D convolutions over the square root of the profile (weak peaks count), then an MLP over the
     flattened features, whose weights differ by position (a peak's place is the lattice), to PREFIX_LENGTH
     vectors. Each is normalized to the token embeddings' norm, so the prefix cannot drown the text: an unbounded
-    prefix grew to 40 times that norm in training and carried almost nothing of the pattern. No layer has a
-    bias, so an empty stretch of the pattern gives zero features and the prefix is all pattern: with biases, 99.5%
-    of it was the same for every pattern at initialization. A linear lattice head reads the cell
+    prefix grew to 40 times that norm in training and carried almost nothing of the pattern. A linear lattice
+    head reads the cell
     (`lattice_values`, standardized) from the prefix: trained with it, the prefix must carry the lattice, where
     the language-model loss alone let the prefix collapse to the same vectors for every pattern.
 
@@ -93,11 +92,11 @@ class PatternEncoder(nn.Module):
         self.config = config
         layers, width, length = [], 1, config.grid_size
         for channels in config.channels:
-            layers += [nn.Conv1d(width, channels, kernel_size=7, stride=2, padding=3, bias=False), nn.GELU()]
+            layers += [nn.Conv1d(width, channels, kernel_size=7, stride=2, padding=3), nn.GELU()]
             width, length = channels, (length + 1) // 2
         self.convolutions = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, config.bottleneck, bias=False), nn.GELU(),
-                                  nn.Linear(config.bottleneck, PREFIX_LENGTH * config.hidden_size, bias=False))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, config.bottleneck), nn.GELU(),
+                                  nn.Linear(config.bottleneck, PREFIX_LENGTH * config.hidden_size))
         self.lattice_head = nn.Linear(PREFIX_LENGTH * config.hidden_size, LATTICE_VALUES)
 
     def forward(self, profiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
