@@ -119,7 +119,8 @@ def test_pattern_adapter_round_trip_and_generation(model_with_pattern_adapter, t
     with torch.no_grad(), pattern_conditioning(fresh, tokenizer, profiles):
         again = fresh(ids).logits
     assert torch.allclose(first, again, atol=1e-5)
-    assert (again[0] - again[1]).abs().max() > 1e-4  # the pattern reaches the model (untrained: a little)
+    # The same tokens in both rows: any difference is the pattern's (deterministic; untrained, so small).
+    assert (again[0] - again[1]).abs().max() > 0
     pattern = PowderPattern(GRID, profiles[0].astype(float), "first.xy")
     samples = list(generate_structures(fresh, tokenizer, Prompt.of(formula="NaCl").with_pattern(pattern), num=2,
                                        batch_size=2, max_atoms=8))

@@ -60,7 +60,7 @@ class PatternEncoderConfig:
     @classmethod
     def for_model(cls, model) -> PatternEncoderConfig:
         """The shape for a GPT: its width, and its token embeddings' mean norm."""
-        embeddings = model.get_input_embeddings().weight
+        embeddings = model.get_input_embeddings().weight.detach()
         return cls(hidden_size=embeddings.shape[1], embedding_norm=float(embeddings.norm(dim=-1).mean()))
 
     def to_file(self, folder: str | Path) -> None:
