@@ -77,9 +77,9 @@ class PatternEncoder(nn.Module):
     flattened features, whose weights differ by position (a peak's place is the lattice), to PREFIX_LENGTH
     vectors. Each is normalized to the token embeddings' norm, so the prefix cannot drown the text: an unbounded
     prefix grew to 40 times that norm in training and carried almost nothing of the pattern. A linear lattice
-    head reads the cell
-    (`lattice_values`, standardized) from the prefix: trained with it, the prefix must carry the lattice, where
-    the language-model loss alone let the prefix collapse to the same vectors for every pattern.
+    head reads the cell (`lattice_values`, standardized) from the prefix: trained with it, the prefix must carry
+    the lattice, where the language-model loss alone let the prefix collapse to the same vectors for every
+    pattern.
 
     >>> encoder = PatternEncoder(PatternEncoderConfig(hidden_size=32, embedding_norm=2.0))
     >>> prefix, lattice = encoder(torch.rand(2, len(GRID)))

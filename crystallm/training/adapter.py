@@ -85,9 +85,10 @@ def train_pattern_adapter(config: dict) -> Path:
             profiles.append(degraded_profile(peaks[i], rng, strength))
         return [prefix] * len(rows), pattern_conditioning(model, tokenizer, np.stack(profiles))
 
-    def lattice_loss(encoded: dict, rows: list[int]) -> torch.Tensor:
-        target = cells[rows].to(encoded["lattice"].device)
-        return float(config.get("lattice_weight", 1.0)) * nn.functional.mse_loss(encoded["lattice"].float(), target)
+    def lattice_loss(conditioned: dict, rows: list[int]) -> torch.Tensor:  # what pattern_conditioning recorded
+        predicted = conditioned["lattice"].float()
+        target = cells[rows].to(predicted.device)
+        return float(config.get("lattice_weight", 1.0)) * nn.functional.mse_loss(predicted, target)
 
     return _train(config, PATTERN_ADAPTER, corpus["text"], condition, 1 + PREFIX_LENGTH, [PATTERN_TOKEN],
                   pattern_encoder=True, auxiliary=lattice_loss)
