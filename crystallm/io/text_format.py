@@ -43,9 +43,9 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterable
+from functools import cache
 
 import numpy as np
 from pymatgen.core import Element, Lattice, Structure
@@ -111,7 +111,7 @@ def element_symbols() -> list[str]:
     return [element.symbol for element in Element]
 
 
-@lru_cache(maxsize=None)
+@cache
 def vocabulary() -> tuple[str, ...]:
     """Every lexeme of the format. Text made of these (and nothing else) tokenizes without unknowns."""
     lexemes = ["\n" + LOOP_HEADER, DATA_PREFIX, " " + FIXED_COORDINATE]
@@ -246,7 +246,7 @@ def format_crystal_text(crystal: CrystalText) -> str:
     return "\n".join(lines)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _formula_order(symbol: str) -> tuple[float, str]:
     """pymatgen's formula order: by Pauling electronegativity (noble gases, which have none, last)."""
     with warnings.catch_warnings():  # pymatgen warns for each element without one: expected here
@@ -283,6 +283,18 @@ def _check_orderable(structure: Structure) -> None:
     if not all(math.isfinite(x) for x in (*lengths, volume)) or volume < 1e-3:
         raise InvalidStructureError(f"degenerate lattice: lengths {np.round(lengths, 4).tolist()} Å, "
                                     f"volume {volume:.4g} Å^3")
+
+
+def equivalent_texts(text: str) -> list[str]:
+    r"""Every text of the crystal that `text` describes, one per description the format allows (`descriptions`),
+    sorted, the canonical text among them: equivalent serializations for pretraining augmentation.
+
+    >>> text = serialize_structure(Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+    ...                                                      [[0, 0, 0], [.5, .5, .5]]))
+    >>> [t.split("\n")[-2:] for t in equivalent_texts(text)]
+    [['Na 4a . . .', 'Cl 4b . . .'], ['Na 4b . . .', 'Cl 4a . . .']]
+    """
+    return sorted({format_crystal_text(d) for d in descriptions(parse_structure(text))})
 
 
 def crystal_text_of(structure: Structure, symprec: float = symmetry.DEFAULT_SYMPREC) -> CrystalText:

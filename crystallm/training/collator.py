@@ -4,8 +4,8 @@ order that resumes exactly, and the held-out split."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ class PretrainingCollator:
     The contrastive view is a hard view of the same crystal (`text_format.hard_view`: moved atoms, another volume,
     another description), its rows shuffled anew at each visit. `views` maps a text to its view made beforehand
     (`data.add_hard_views`: a view costs about 15 ms, 32 of them about as long as a training step); a text
-    without one gets a view made on the spot.
+    without one gets a view made on the spot. `descriptions` maps a text to its equivalent texts
+    (`data.add_descriptions`): a text found there is trained as one of them, drawn anew at each visit.
     """
 
     tokenizer: object
@@ -33,6 +34,7 @@ class PretrainingCollator:
     contrastive: bool = True
     seed: int = 0
     views: Mapping[str, str] | None = None
+    descriptions: Mapping[str, Sequence[str]] | None = None
 
     def __post_init__(self):
         self.row_element_ids = row_element_token_ids(self.tokenizer)
@@ -42,7 +44,9 @@ class PretrainingCollator:
         """The batch of `texts`; `auxiliary=False` leaves out the masked-atom and contrastive inputs (a step that
         trains the causal LM only, when the auxiliary passes run on a share of the steps)."""
         rng = np.random.default_rng([self.seed, zlib.crc32("\x00".join(texts).encode())])
-        batch = encode_texts(self.tokenizer, texts, self.max_length)
+        written = [options[rng.integers(len(options))] if (options := (self.descriptions or {}).get(text)) else text
+                   for text in texts]
+        batch = encode_texts(self.tokenizer, written, self.max_length)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
         if self.masked_atom and auxiliary:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -73,9 +74,16 @@ def pretrain(config: dict) -> Path:
     """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
     `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit);
     `auxiliary_every` runs the masked-atom and contrastive passes on every n-th batch only (default 1: all).
+    `augment_descriptions` trains each text as one of its equivalent texts, drawn at each visit
+    (`data.add_descriptions`); held-out losses stay on the canonical texts. `keep_best` saves the model of the
+    lowest held-out loss (`output_dir/best`, step and loss in `train_state.json`) and ships it at the end instead
+    of the last step's: a long run on a small corpus can overfit before its schedule ends. `init_from` (a model
+    folder of the same shape) starts from its weights instead of random ones: pretraining continued with a new
+    schedule (a warm restart).
 
     Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
-    line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations;
+    line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations, steps
+    skipped for a non-finite gradient in this invocation;
     held-out losses every `eval_every` steps) and `train_state.json`.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -96,15 +104,26 @@ def pretrain(config: dict) -> Path:
 
     model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **config["model"])
     model_config._attn_implementation = "sdpa"
-    model = CrystaLLMForCausalLM(model_config)
+    if config.get("init_from"):  # continued pretraining: the weights of a model folder, a new schedule
+        model = CrystaLLMForCausalLM.from_pretrained(config["init_from"], config=model_config)
+    else:
+        model = CrystaLLMForCausalLM(model_config)
     views = None
     if model_config.contrastive_weight:
         with accelerator.main_process_first():  # one process makes the views, the others read the cache
             corpus = data.add_hard_views(corpus, seed, config.get("num_proc"))
         views = dict(zip(corpus["text"], corpus["view"]))
+    descriptions = None
+    if config.get("augment_descriptions"):
+        with accelerator.main_process_first():
+            corpus = data.add_descriptions(corpus, config.get("num_proc"))
+        held_out = set(eval_texts)  # held-out losses stay on the canonical texts
+        descriptions = {text: options for text, options in zip(corpus["text"], corpus["descriptions"])
+                        if text not in held_out}
     collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
                                    masked_atom=bool(model_config.masked_atom_weight),
-                                   contrastive=bool(model_config.contrastive_weight), seed=seed, views=views)
+                                   contrastive=bool(model_config.contrastive_weight), seed=seed, views=views,
+                                   descriptions=descriptions)
     batch_size = int(config["batch_size"])
     auxiliary_every = int(config.get("auxiliary_every", 1))
     lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
@@ -118,16 +137,18 @@ def pretrain(config: dict) -> Path:
 
     state_path, checkpoint = out / "train_state.json", out / "checkpoint"
     step, tokens_before, seconds_before = 0, 0, 0.0  # totals of earlier invocations, for the model card
+    best = {"best_eval_loss": math.inf, "best_step": 0}
     if checkpoint.exists() and state_path.exists():
         accelerator.load_state(str(checkpoint))
         saved = json.loads(state_path.read_text())
         step, tokens_before, seconds_before = saved["step"], saved["tokens_seen"], saved["train_seconds"]
+        best = {key: saved.get(key, value) for key, value in best.items()}
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     if step == 0 and log_path.exists():
         log_path.unlink()
-    started, tokens, stop_here = time.perf_counter(), 0, False
+    started, tokens, stop_here, skipped = time.perf_counter(), 0, False, 0
     progress = tqdm(total=max_steps, initial=step, desc="pretraining", unit=" steps",
                     disable=not accelerator.is_main_process or not config.get("progress", True))
     model.train()
@@ -148,9 +169,16 @@ def pretrain(config: dict) -> Path:
                 # next-token targets: padding is never one
                 losses = token_weighted(accelerator, losses, batch["attention_mask"][:, 1:].sum())
                 accelerator.backward(losses["loss"] * accelerator.num_processes)
+                finite = True
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
-                optimizer.step()
+                    norm = accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
+                    finite = bool(torch.isfinite(norm))
+                # A step whose gradient is not finite is skipped, not applied: on a GPU one such step (step
+                # 1,647, bf16) turned every weight of a 26M model to NaN for the rest of its run.
+                if finite:
+                    optimizer.step()
+                else:
+                    skipped += 1
                 scheduler.step()
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum())
@@ -160,10 +188,14 @@ def pretrain(config: dict) -> Path:
             elapsed = time.perf_counter() - started
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                    **{f"train_{k}": float(accelerator.reduce(v.detach(), "sum")) for k, v in losses.items()},
-                   "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens,
+                   "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens, "skipped_steps": skipped,
                    "train_seconds": seconds_before + elapsed}
             if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
                 row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
+                if config.get("keep_best") and row["eval_loss"] < best["best_eval_loss"]:
+                    best = {"best_eval_loss": row["eval_loss"], "best_step": step}
+                    if accelerator.is_main_process:
+                        accelerator.unwrap_model(model).save_pretrained(out / "best")
             progress.update(1)
             progress.set_postfix(loss=f"{row['train_loss']:.3f}", tokens_per_s=f"{row['tokens_per_s']:.0f}")
             if accelerator.is_main_process:
@@ -173,8 +205,8 @@ def pretrain(config: dict) -> Path:
             if step % int(config.get("save_every", 200)) == 0 or step == max_steps or stop_here:
                 accelerator.save_state(str(checkpoint))
                 if accelerator.is_main_process:
-                    state_path.write_text(json.dumps({key: row[key] for key in
-                                                      ("step", "tokens_seen", "train_seconds")}))
+                    state_path.write_text(json.dumps({**{key: row[key] for key in
+                                                         ("step", "tokens_seen", "train_seconds")}, **best}))
             if step >= max_steps or stop_here:
                 break
         if stop_here:
@@ -184,7 +216,11 @@ def pretrain(config: dict) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out)
+        if config.get("keep_best") and (out / "best").exists():
+            shutil.copytree(out / "best", out, dirs_exist_ok=True)
+            accelerator.print(f"kept step {best['best_step']}: held-out loss {best['best_eval_loss']:.4f}")
+        else:
+            accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
 
