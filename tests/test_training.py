@@ -149,3 +149,19 @@ def test_keep_best_ships_the_lowest_held_out_loss_and_init_from_continues(tmp_pa
     continued = load_file(second / "model.safetensors")
     assert all(torch.equal(continued[name], best[name]) for name in best)
 
+
+def test_a_sweep_gives_each_run_the_steps_that_fit_its_budget(tmp_path):
+    from crystallm.training.sweep import run_sweep
+
+    model = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256}
+    config = {"output_dir": str(tmp_path), "budget_seconds": 3, "probe_steps": 6, "max_epochs": 4,
+              "defaults": {**tiny_config(tmp_path), "model": model, "progress": False, "keep_best": True},
+              "runs": {"small": {}, "small-descriptions": {"augment_descriptions": True}}}
+    records = {record.name: record for record in run_sweep(config)}
+    assert set(records) == {"small", "small-descriptions"}
+    for record in records.values():
+        # at most max_epochs passes over the 284 training rows (batch 8): 142 steps
+        assert 1 <= record.steps <= 142 and record.epochs <= 4
+        assert record.parameters == records["small"].parameters and np.isfinite(record.best_eval_loss)
+        assert (tmp_path / record.name / "model.safetensors").exists()
+    assert json.loads((tmp_path / "sweep.json").read_text())[0]["name"] == "small"
