@@ -175,13 +175,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate crystals into an output folder (see `crystallm.generation.run_folder`), resumable, with a
     progress bar."""
-    from crystallm.adapters import use_adapter
+    from crystallm.adapters import available_adapters, use_adapter
     from crystallm.diffraction.encoder import PATTERN_ADAPTER
     from crystallm.diffraction.patterns import PowderPattern
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
     from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator
+    from crystallm.model_folder import loaded_from
     from crystallm.modeling import native_bf16
 
     args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
@@ -201,12 +202,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         launched = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk over gloo
         shard, args.device = (launched.process_index, launched.num_processes), args.device or str(launched.device)
     model, tokenizer = load_generator(args.model, args.device)
-    if args.adapter or pattern:  # an unknown adapter fails here, listing the model's adapters
+    # The pattern goes into the prompt where the model has the pattern adapter; without one it is used after
+    # generation alone: each structure's cell is fitted to it, then the structures are ranked by agreement.
+    in_prompt = pattern is not None and PATTERN_ADAPTER in available_adapters(loaded_from(model))
+    if args.adapter or in_prompt:  # an unknown adapter fails here, listing the model's adapters
         model = use_adapter(model, args.adapter or PATTERN_ADAPTER)
     property_name = Path(args.adapter).name if args.adapter else None
     prompt = Prompt.of(args.formula, args.spacegroup, args.chemical_system, property_name, args.target)
-    if pattern:
+    if in_prompt:
         prompt = prompt.with_pattern(pattern)
+    elif pattern:
+        print(f"the model in {loaded_from(model)} has no {PATTERN_ADAPTER} adapter: generating from the prompt "
+              f"alone; the pattern fits each structure's cell and ranks them")
     prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
     sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "max_atoms": args.max_atoms, "bf16": not args.fp32 and native_bf16(), "refine": args.refine,
@@ -244,15 +251,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _rank_by_pattern(folder, pattern) -> None:
-    """Write pattern_ranking.csv (best agreement with the given pattern first) and the overlay plot of the best."""
+    """Fit each valid structure's cell to the given pattern (`lattice_fit`), write the fitted structures
+    (pattern_fitted.zip), pattern_ranking.csv (best agreement with the pattern first) and the overlay plot of the
+    best."""
+    from crystallm.diffraction.lattice_fit import fit_lattice
     from crystallm.diffraction.patterns import plot_overlay, rank_by_agreement
     from crystallm.evaluation import reports
+    from crystallm.io.cif import write_cif_zip
 
     given = pattern.to_profile()
-    matches = rank_by_agreement(folder.valid_structures(), given)
+    fits = {name: fit_lattice(structure, given) for name, structure in folder.valid_structures()}
+    write_cif_zip(folder.directory / "pattern_fitted.zip", {name: fit.structure for name, fit in fits.items()})
+    matches = rank_by_agreement([(name, fit.structure) for name, fit in fits.items()], given)
     lattice = ["a", "b", "c", "alpha", "beta", "gamma"]
     rows = [{"rank": rank, "name": m.name, "formula": m.structure.composition.reduced_formula,
-             "disagreement": round(m.disagreement, 4),
+             "disagreement": round(m.disagreement, 4), "crystal_system": fits[m.name].crystal_system,
+             "peak_misfit_before_fit": round(fits[m.name].misfit_before, 5),
+             "peak_misfit_after_fit": round(fits[m.name].misfit_after, 5),
              **dict(zip(lattice, (round(v, 4) for v in m.structure.lattice.parameters)))}
             for rank, m in enumerate(matches, 1)]
     reports.write_csv(rows, folder.directory / "pattern_ranking.csv")
@@ -261,9 +276,10 @@ def _rank_by_pattern(folder, pattern) -> None:
               f"(a b c = {row['a']:.3f} {row['b']:.3f} {row['c']:.3f} A)")
     if matches:
         plot_overlay(given, matches[0], folder.directory / "pattern_overlay.png", pattern.source)
-    print(f"ranked {len(rows)} structures by agreement with {pattern.source} (Rwp-like on profiles smoothed to 1 "
-          f"degree, 0 = the same up to scale, 1 = no overlap): {folder.directory}/pattern_ranking.csv; the best is "
-          f"plotted against it in pattern_overlay.png")
+    print(f"fitted the cells of {len(rows)} structures to {pattern.source} ({folder.directory}/pattern_fitted.zip) "
+          f"and ranked them by agreement with it (Rwp-like on profiles smoothed to 1 degree, 0 = the same up to "
+          f"scale, 1 = no overlap): {folder.directory}/pattern_ranking.csv; the best is plotted against it in "
+          f"pattern_overlay.png")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -467,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=GUIDANCE, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
     generate.add_argument("--xrd", metavar="PATTERN", help="condition on a powder pattern (Cu Ka, 2-theta in "
-                          "degrees): a two-column .xy/.xye/.csv export, or a CIF whose pattern is computed; uses "
-                          "the model's xrd adapter; the samples are ranked by agreement with it")
+                          "degrees): a two-column .xy/.xye/.csv export, or a CIF whose pattern is computed; in the "
+                          "prompt where the model has an xrd adapter; each sample's cell is fitted to it and the "
+                          "samples are ranked by agreement with it")
     generate.add_argument("--attempts", type=POSITIVE, dest="num", default=argparse.SUPPRESS,
                           help="the same as --num (CSP: attempts at a formula)")
     generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pymatgen.core import Structure
 
 from crystallm.evaluation import matching
@@ -79,7 +80,8 @@ def _conventional_lattice(structure: Structure) -> tuple[list[float], float]:
 def lattice_errors(predictions: list[Structure | None], targets: list[Structure]) -> dict:
     """How far each target's first prediction's cell is from the target's: mean absolute error of the three
     lattice lengths (Å; both cells in their conventional standard setting at symprec 0.1, lengths sorted, so
-    axis choices do not count) and of the volume per atom (Å³), over the targets with a parsed prediction.
+    axis choices do not count; with its median, which the far-off cells of wrong structures do not dominate) and
+    of the volume per atom (Å³), over the targets with a parsed prediction.
 
     >>> from pymatgen.core import Lattice
     >>> cell = lambda a: Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
@@ -96,4 +98,5 @@ def lattice_errors(predictions: list[Structure | None], targets: list[Structure]
         lengths.append(sum(abs(p - t) for p, t in zip(predicted_abc, target_abc)) / 3)
         volumes.append(abs(predicted_volume - target_volume))
     return {"length_mae": sum(lengths) / len(lengths) if lengths else None,
+            "length_median_ae": float(np.median(lengths)) if lengths else None,
             "volume_per_atom_mae": sum(volumes) / len(volumes) if volumes else None, "compared": len(lengths)}

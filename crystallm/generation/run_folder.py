@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 from pymatgen.core import Structure
@@ -123,7 +122,7 @@ class GenerationFolder:
     def _append_outputs(self, entries: list[dict]) -> None:
         records = [scoring.score_entry(readers.Entry(e["name"], "text", e["text"])) for e in entries]
         structures = {e["name"]: r.structure for e, r in zip(entries, records) if not r.error}
-        _append_copy(self.directory / "cifs.zip", lambda path: _add_cifs(path, structures))
+        _append_copy(self.directory / "cifs.zip", lambda path: cif.write_cif_zip(path, structures, "a"))
         _append_copy(self.directory / "structures.extxyz", lambda path: _add_frames(path, structures))
         _append_copy(self.directory / "summary.csv", lambda path: _add_rows(path, entries, records))
         self.entries += entries
@@ -181,12 +180,6 @@ def _add_rows(path: Path, entries: list[dict], records: list[ScoredStructure]) -
         writer.writerows(_csv_row(e, r) for e, r in zip(entries, records))
 
 
-def _add_cifs(path: Path, structures: dict) -> None:
-    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, structure in structures.items():
-            # P1 CIFs: pymatgen's symmetrized writer costs ~26 ms a structure (more than generating it); the
-            # detected space group is in summary.csv, and `crystallm to-cif` writes a symmetrized CIF.
-            archive.writestr(f"{name}.cif", cif.structure_to_cif(structure, symprec=None))
 
 
 def _add_frames(path: Path, structures: dict) -> None:
