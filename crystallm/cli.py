@@ -266,6 +266,7 @@ def _rank_by_pattern(folder, pattern) -> None:
     lattice = ["a", "b", "c", "alpha", "beta", "gamma"]
     rows = [{"rank": rank, "name": m.name, "formula": m.structure.composition.reduced_formula,
              "disagreement": round(m.disagreement, 4), "crystal_system": fits[m.name].crystal_system,
+             "cell_fitted": fits[m.name].fitted,
              "peak_misfit_before_fit": round(fits[m.name].misfit_before, 5),
              "peak_misfit_after_fit": round(fits[m.name].misfit_after, 5),
              **dict(zip(lattice, (round(v, 4) for v in m.structure.lattice.parameters)))}

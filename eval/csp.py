@@ -8,21 +8,28 @@ for each target formula, then match them to the targets.
 With `rank: chgnet`, every structurally valid attempt is relaxed by CHGNet (`stability.jsonl`, resumable) and
 the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken. With `pattern:
 clean` (or `degraded`) each prompt holds the target's computed powder pattern (or a degraded one) for the
-model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it.
+model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it. With
+`pattern_in_prompt: false` the prompts hold the formula alone (no adapter needed) and the pattern is used after
+generation; `fit_lattice: true` fits each attempt's cell to its target's pattern (`diffraction.lattice_fit`) and
+scores the fitted attempts (`fitted.zip`), the summary adding the first attempts' lattice errors before the fit.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
+from crystallm import data
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import PATTERN_ADAPTER
+from crystallm.diffraction.lattice_fit import fit_lattice
 from crystallm.diffraction.patterns import rank_by_agreement
 from crystallm.evaluation import batch, csp, reports
 from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
 from crystallm.generation.sampling import load_generator
+from crystallm.io.cif import structure_from_cif, write_cif_zip
 from crystallm.stage_config import read_stage_config
 
 
@@ -36,33 +43,50 @@ def main() -> None:
         ids_file.write_text("\n".join(csp.read_ids(config["ids"])[: int(config["count"])]) + "\n")
     pattern = config.get("pattern")  # clean or degraded: the targets' powder patterns go into the prompts
     prompts, names = prompt.csp_prompts(config["targets"], ids_file, attempts, pattern, config.get("seed", 0))
+    given = {csp.csp_targets(name): np.array(p.pattern) for name, p in zip(names, prompts)} if pattern else {}
+    in_prompt = bool(pattern) and config.get("pattern_in_prompt", True)
+    if pattern and not in_prompt:
+        prompts = [dataclasses.replace(p, pattern=(), pattern_source="") for p in prompts]
     model, tokenizer = load_generator(config.get("model"))
-    if pattern:
+    if in_prompt:
         model = use_adapter(model, PATTERN_ADAPTER)
     sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
                 "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
                 "refine": config.get("refine", False), "min_distance": config.get("min_distance", 0.5)}
     settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
-                "attempts": attempts, **({"pattern": pattern} if pattern else {}), **sampling,
+                "attempts": attempts, **({"pattern": pattern} if in_prompt else {}), **sampling,
                 "num": len(prompts)}  # `num` may grow: the folder resumes
     folder = GenerationFolder(out / "generated", settings, resume=True)
     generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
     wanted = set(names)  # a folder made for more ids holds more attempts than asked for now
     attempted = [(name, s) for name, s in folder.valid_structures() if name in wanted]
+    scored, suffix, before_fit = out / "generated", "", None
+    if config.get("fit_lattice"):
+        first = {}
+        for name, structure in attempted:
+            first.setdefault(csp.csp_targets(name), structure)
+        split = data.load_split(*config["targets"].split("/"))
+        cif_of = dict(zip(split["id"], split["cif"]))
+        ids = csp.read_ids(ids_file)
+        before_fit = csp.lattice_errors([first.get(i) for i in ids], [structure_from_cif(cif_of[i], i) for i in ids])
+        attempted = [(name, fit_lattice(s, given[csp.csp_targets(name)]).structure) for name, s in attempted]
+        write_cif_zip(out / "fitted.zip", dict(attempted))
+        scored, suffix = out / "fitted.zip", ".cif"  # entries of a zip are named after their files
     scores = None
     if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
         ranking = rank_by_energy(attempted, out / "stability.jsonl",
                                  RelaxationSettings(**config.get("relaxation", {})))
         scores = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
     elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
-        given = {csp.csp_targets(name): np.array(p.pattern) for name, p in zip(names, prompts)}
         by_target = {target: [a for a in attempted if csp.csp_targets(a[0]) == target] for target in given}
-        scores = {match.name: match.disagreement for target, profile in given.items()
+        scores = {match.name + suffix: match.disagreement for target, profile in given.items()
                   for match in rank_by_agreement(by_target[target], profile)}
     task = csp.CSPTask(config["targets"], ids_file, tuple(sorted({1, attempts})), scores)
     options = batch.EvaluationOptions(records_path=out / "records.jsonl")
-    summary = batch.evaluate(out / "generated", csp=task, options=options)
+    summary = batch.evaluate(scored, csp=task, options=options)
     summary["generation"] = generation["generation"]
+    if before_fit is not None:
+        summary["csp lattice n=1, before the fit"] = before_fit
     reports.write_json(summary, out / "summary.json")
     reports.write_markdown(summary, out / "summary.md")
     print(reports.markdown_table(summary))

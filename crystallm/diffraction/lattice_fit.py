@@ -24,6 +24,11 @@ STRONGEST_REFLECTIONS = 40  # the computed reflections the fit places
 PEAK_PROMINENCE = 0.01  # an observed peak stands this far above its surroundings (profiles scale to 1)
 DISTANCE_CAP = 1.0  # degrees: a reflection far from every peak costs this much, however far
 SCALE_SCAN = np.linspace(0.85, 1.15, 301)
+# Reflections up to this angle: those a cell 15% smaller brings onto the grid (up to 90 degrees) come from 109.
+REFLECTIONS_TWO_THETA = (1.0, 110.0)
+# Larger cells are not fitted: their reflections (as many as the volume times the reciprocal sphere's) cost
+# minutes and gigabytes to compute; the corpus's conventional cells stay far below.
+MAX_VOLUME = 5000.0  # Å³
 
 # The free cell parameters of each crystal system, as indices into (a, b, c, alpha, beta, gamma): the others
 # follow from them (equal lengths) or stay as they are (fixed angles).
@@ -37,12 +42,13 @@ _LENGTHS = {"cubic": 1, "tetragonal": 2, "hexagonal": 2, "trigonal": 2, "orthorh
 class LatticeFit:
     """A structure with its cell fitted to a pattern (its conventional cell), its crystal system, and the misfit
     of the reflections to the pattern's peaks before and after (the fit's cost: a squared distance in degrees²,
-    intensity-weighted)."""
+    intensity-weighted). `fitted` is False for a cell over MAX_VOLUME, given back as it was (misfits NaN)."""
 
     structure: Structure
     crystal_system: str
     misfit_before: float
     misfit_after: float
+    fitted: bool = True
 
 
 def _cell(system: str, free: np.ndarray, start: Lattice) -> Lattice:
@@ -76,7 +82,9 @@ def fit_lattice(structure: Structure, given: np.ndarray) -> LatticeFit:
         cell, system = analyzer.get_conventional_standard_structure(), analyzer.get_crystal_system()
     except ValueError:  # spglib fails on pathological cells: every parameter free
         cell, system = structure, "triclinic"
-    pattern = XRDCalculator("CuKa").get_pattern(cell, two_theta_range=(1.0, 150.0))
+    if cell.volume > MAX_VOLUME:
+        return LatticeFit(cell, system, float("nan"), float("nan"), fitted=False)
+    pattern = XRDCalculator("CuKa").get_pattern(cell, two_theta_range=REFLECTIONS_TWO_THETA)
     # (h, k, l) of each reflection family; hexagonal cells give (h, k, i, l)
     miller = np.array([[family[0]["hkl"][0], family[0]["hkl"][1], family[0]["hkl"][-1]] for family in pattern.hkls],
                       dtype=float).reshape(-1, 3)
