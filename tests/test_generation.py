@@ -225,11 +225,11 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
     folder.write(samples[:2])
     before = (tmp_path / "cifs.zip").read_bytes()
 
-    def disk_full(path, structures):
+    def disk_full(path, structures, mode="w"):
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_folder, "_add_cifs", disk_full)
+    monkeypatch.setattr(run_folder.cif, "write_cif_zip", disk_full)
     with pytest.raises(OutputWriteError, match="No space left on device.*2 structures finished before are kept"):
         folder.write(samples[2:])
     assert (tmp_path / "cifs.zip").read_bytes() == before and not (tmp_path / "cifs.zip.partial").exists()
