@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from crystallm.diffraction.patterns import GRID, TWO_THETA_RANGE
+from crystallm.diffraction.patterns import GRID, TWO_THETA_RANGE, WAVELENGTH
 
-WAVELENGTH_ANGSTROM = 1.54184  # pymatgen's CuKa
 STRONGEST_REFLECTIONS = 40  # the computed reflections the fit places
 PEAK_PROMINENCE = 0.01  # an observed peak stands this far above its surroundings (profiles scale to 1)
 DISTANCE_CAP = 1.0  # degrees: a reflection far from every peak costs this much, however far
@@ -72,7 +71,7 @@ def fit_lattice(structure: Structure, given: np.ndarray) -> LatticeFit:
     >>> round(fit.structure.lattice.a, 2), fit.crystal_system, fit.misfit_after < fit.misfit_before
     (5.64, 'cubic', True)
     """
-    from pymatgen.analysis.diffraction.xrd import XRDCalculator
+    from pymatgen.analysis.diffraction.xrd import WAVELENGTHS, XRDCalculator
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
     from scipy.optimize import minimize
     from scipy.signal import find_peaks
@@ -84,7 +83,7 @@ def fit_lattice(structure: Structure, given: np.ndarray) -> LatticeFit:
         cell, system = structure, "triclinic"
     if cell.volume > MAX_VOLUME:
         return LatticeFit(cell, system, float("nan"), float("nan"), fitted=False)
-    pattern = XRDCalculator("CuKa").get_pattern(cell, two_theta_range=REFLECTIONS_TWO_THETA)
+    pattern = XRDCalculator(WAVELENGTH).get_pattern(cell, two_theta_range=REFLECTIONS_TWO_THETA)
     # (h, k, l) of each reflection family; hexagonal cells give (h, k, i, l)
     miller = np.array([[family[0]["hkl"][0], family[0]["hkl"][1], family[0]["hkl"][-1]] for family in pattern.hkls],
                       dtype=float).reshape(-1, 3)
@@ -103,7 +102,7 @@ def fit_lattice(structure: Structure, given: np.ndarray) -> LatticeFit:
         if not np.all(np.isfinite(lattice.abc)) or min(lattice.abc) < 1.0 or not len(observed):
             return np.inf
         spacing = np.linalg.norm(miller @ lattice.reciprocal_lattice_crystallographic.matrix, axis=1)
-        two_theta = np.degrees(2 * np.arcsin(np.clip(WAVELENGTH_ANGSTROM * spacing / 2, 0.0, 1.0)))
+        two_theta = np.degrees(2 * np.arcsin(np.clip(WAVELENGTHS[WAVELENGTH] * spacing / 2, 0.0, 1.0)))
         inside = (two_theta > low) & (two_theta < high)
         if not inside.any():
             return np.inf
