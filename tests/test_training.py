@@ -165,3 +165,24 @@ def test_a_sweep_gives_each_run_the_steps_that_fit_its_budget(tmp_path):
         assert record.parameters == records["small"].parameters and np.isfinite(record.best_eval_loss)
         assert (tmp_path / record.name / "model.safetensors").exists()
     assert json.loads((tmp_path / "sweep.json").read_text())[0]["name"] == "small"
+
+
+def test_held_out_losses_count_every_row_even_fewer_than_a_batch():
+    from crystallm.configuration import CrystaLLMConfig
+    from crystallm.modeling import CrystaLLMForCausalLM
+    from crystallm.training.pretrain import evaluate_losses
+
+    tokenizer = CrystaLLMTokenizer.from_pretrained("crystallm/resources/default-model")
+    torch.manual_seed(0)
+    model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32, n_head=2,
+                                                 n_positions=256))
+    collator = PretrainingCollator(tokenizer, max_length=256, masked_atom=False, contrastive=False)
+    texts = data.load_texts("data/pretraining-corpus.csv.gz", 5)["text"]
+    accelerator = make_accelerator({"mixed_precision": "no"})
+    # 5 rows, batches of 8: one short batch (before, no batch at all and no held-out loss)
+    alone = evaluate_losses(accelerator, model, collator, texts, 8)["eval_loss"]
+    # batches of 2, 2 and 1: each batch's mean weighted by its rows, as the per-batch means say
+    per_batch = [evaluate_losses(accelerator, model, collator, texts[i:i + 2], 2)["eval_loss"] for i in (0, 2, 4)]
+    assert np.isfinite(alone)
+    assert evaluate_losses(accelerator, model, collator, texts, 2)["eval_loss"] == \
+        float(np.average(per_batch, weights=[2, 2, 1]))

@@ -228,16 +228,18 @@ def pretrain(config: dict) -> Path:
 @torch.no_grad()
 def evaluate_losses(accelerator, model, collator: PretrainingCollator, texts: list[str],
                     batch_size: int) -> dict[str, float]:
-    """Mean held-out losses of each objective."""
+    """Mean held-out losses of each objective, each batch weighted by its rows (the last may be short)."""
     model.eval()
-    totals: dict[str, list[float]] = {}
-    for start in range(0, len(texts) - batch_size + 1, batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collator(texts[start:start + batch_size]).items()}
+    totals: dict[str, list[tuple[float, int]]] = {}  # each objective's (batch mean, rows of the batch)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collator(chunk).items()}
         with accelerator.autocast():
             losses = _losses(model(**batch))
         for name, value in losses.items():
-            totals.setdefault(f"eval_{name}", []).append(float(value))
+            totals.setdefault(f"eval_{name}", []).append((float(value), len(chunk)))
     model.train()
-    return {name: float(np.mean(values)) if values else math.nan for name, values in totals.items()}
+    return {name: float(np.average([value for value, _ in pairs], weights=[rows for _, rows in pairs]))
+            for name, pairs in totals.items()}
 
 
