@@ -22,7 +22,6 @@ import numpy as np
 from crystallm import data
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import PATTERN_ADAPTER
-from crystallm.diffraction.lattice_fit import fit_lattice
 from crystallm.diffraction.patterns import rank_by_agreement
 from crystallm.evaluation import batch, csp, reports
 from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
@@ -62,21 +61,17 @@ def main() -> None:
     attempted = [(name, s) for name, s in folder.valid_structures() if name in wanted]
     scored, suffix, before_fit = out / "generated", "", None
     if config.get("fit_lattice"):
-        first = {}
-        for name, structure in attempted:
-            first.setdefault(csp.csp_targets(name), structure)
         split = data.load_split(*config["targets"].split("/"))
         cif_of = dict(zip(split["id"], split["cif"]))
-        ids = csp.read_ids(ids_file)
-        before_fit = csp.lattice_errors([first.get(i) for i in ids], [structure_from_cif(cif_of[i], i) for i in ids])
-        attempted = [(name, fit_lattice(s, given[csp.csp_targets(name)]).structure) for name, s in attempted]
+        targets = {i: structure_from_cif(cif_of[i], i) for i in csp.read_ids(ids_file)}
+        attempted, before_fit = csp.fit_attempts(attempted, given, targets)
         write_cif_zip(out / "fitted.zip", dict(attempted))
         scored, suffix = out / "fitted.zip", ".cif"  # entries of a zip are named after their files
     scores = None
     if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
         ranking = rank_by_energy(attempted, out / "stability.jsonl",
                                  RelaxationSettings(**config.get("relaxation", {})))
-        scores = {r["name"]: r["energy_per_atom"] for r in ranking if not r["error"]}
+        scores = {r["name"] + suffix: r["energy_per_atom"] for r in ranking if not r["error"]}
     elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
         by_target = {target: [a for a in attempted if csp.csp_targets(a[0]) == target] for target in given}
         scores = {match.name + suffix: match.disagreement for target, profile in given.items()

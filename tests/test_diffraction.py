@@ -14,7 +14,15 @@ from crystallm import cli
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import pattern_conditioning, pattern_prefix
 from crystallm.diffraction.lattice_fit import fit_lattice
-from crystallm.diffraction.patterns import GRID, Peaks, PowderPattern, agreement, degraded_profile, rank_by_agreement
+from crystallm.diffraction.patterns import (
+    GRID,
+    MAX_VOLUME,
+    Peaks,
+    PowderPattern,
+    agreement,
+    degraded_profile,
+    rank_by_agreement,
+)
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt, csp_prompts
 from crystallm.generation.sampling import generate_structures, load_generator
@@ -99,9 +107,12 @@ def test_ranking_puts_the_true_cell_first(test_structures):
     name, structure = test_structures[2]
     given = degraded_profile(Peaks.from_structure(structure), np.random.default_rng(1), strength=0.5)
     strained = [(f"{name} x{scale}", _scaled(structure, scale)) for scale in (0.97, 1.01, 1.05)]
-    ranking = rank_by_agreement(strained + [(name, structure)], given)
+    # a cell past MAX_VOLUME (the untrained model writes such) is not computed and comes last
+    huge = ("huge", _scaled(structure, (2 * MAX_VOLUME / structure.volume) ** (1 / 3)))
+    ranking = rank_by_agreement([huge] + strained + [(name, structure)], given)
     assert ranking[0].name == name
     assert [m.disagreement for m in ranking] == sorted(m.disagreement for m in ranking)
+    assert ranking[-1].name == "huge" and ranking[-1].disagreement == np.inf and not ranking[-1].profile.any()
 
 
 def _scaled(structure, scale):

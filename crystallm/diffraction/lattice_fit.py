@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from crystallm.diffraction.patterns import GRID, TWO_THETA_RANGE, WAVELENGTH
+from crystallm.diffraction.patterns import GRID, MAX_VOLUME, TWO_THETA_RANGE, WAVELENGTH
 
 STRONGEST_REFLECTIONS = 40  # the computed reflections the fit places
 PEAK_PROMINENCE = 0.01  # an observed peak stands this far above its surroundings (profiles scale to 1)
@@ -25,9 +25,6 @@ DISTANCE_CAP = 1.0  # degrees: a reflection far from every peak costs this much,
 SCALE_SCAN = np.linspace(0.85, 1.15, 301)
 # Reflections up to this angle: those a cell 15% smaller brings onto the grid (up to 90 degrees) come from 109.
 REFLECTIONS_TWO_THETA = (1.0, 110.0)
-# Larger cells are not fitted: their reflections (as many as the volume times the reciprocal sphere's) cost
-# minutes and gigabytes to compute; the corpus's conventional cells stay far below.
-MAX_VOLUME = 5000.0  # Å³
 
 # The free cell parameters of each crystal system, as indices into (a, b, c, alpha, beta, gamma): the others
 # follow from them (equal lengths) or stay as they are (fixed angles).

@@ -9,6 +9,7 @@ and is interpolated onto the grid. `agreement` compares two profiles (an Rwp-lik
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ DEFAULT_FWHM = 0.15  # degrees: the peak width of a computed profile (a laborato
 # A file must cover this much of the grid: less is a pattern in other units or of another wavelength.
 MIN_COVERAGE = 30.0
 PATTERN_SUFFIXES = (".xy", ".xye", ".csv", ".txt", ".dat")
+# Larger cells' patterns are not computed (nor their cells fitted): their reflections, as many as the volume
+# times the reciprocal sphere's, cost minutes and gigabytes; the corpus's conventional cells stay far below.
+MAX_VOLUME = 5000.0  # Å³
 AGREEMENT_SMOOTHING = 1.0  # degrees: `agreement` compares profiles at this resolution
 
 
@@ -258,7 +262,7 @@ class PatternMatch:
 
 def rank_by_agreement(structures: list[tuple[str, Structure]], given: np.ndarray) -> list[PatternMatch]:
     """Structures ordered by how well their computed profile (`Peaks.to_profile`) matches the `given` profile,
-    best first.
+    best first; a cell over MAX_VOLUME is not computed and comes last (disagreement inf, a zero profile).
 
     >>> from pymatgen.core import Lattice
     >>> cell = lambda a: Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
@@ -268,6 +272,9 @@ def rank_by_agreement(structures: list[tuple[str, Structure]], given: np.ndarray
     """
     matches = []
     for name, structure in structures:
+        if structure.volume > MAX_VOLUME:  # not computed: ranked last
+            matches.append(PatternMatch(name, structure, math.inf, np.zeros_like(given)))
+            continue
         profile = Peaks.from_structure(structure).to_profile()
         matches.append(PatternMatch(name, structure, agreement(given, profile), profile))
     return sorted(matches, key=lambda match: match.disagreement)

@@ -100,3 +100,27 @@ def lattice_errors(predictions: list[Structure | None], targets: list[Structure]
     return {"length_mae": sum(lengths) / len(lengths) if lengths else None,
             "length_median_ae": float(np.median(lengths)) if lengths else None,
             "volume_per_atom_mae": sum(volumes) / len(volumes) if volumes else None, "compared": len(lengths)}
+
+
+def fit_attempts(attempted: list[tuple[str, Structure]], patterns: dict[str, np.ndarray],
+                 targets: dict[str, Structure]) -> tuple[list[tuple[str, Structure]], dict]:
+    """Each attempt (named `<target id>__<k>`) with its cell fitted to its target's powder pattern
+    (`crystallm.diffraction.lattice_fit.fit_lattice`), and the `lattice_errors` of each target's first attempt
+    before the fit, over `targets` (id -> structure, in the order the errors are taken).
+
+    >>> from pymatgen.core import Lattice
+    >>> from crystallm.diffraction.patterns import Peaks
+    >>> cell = lambda a: Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    >>> fitted, before = fit_attempts([("x__0", cell(5.9))], {"x": Peaks.from_structure(cell(5.64)).to_profile()},
+    ...                               {"x": cell(5.64)})
+    >>> round(fitted[0][1].lattice.a, 2), round(before["length_mae"], 2)
+    (5.64, 0.26)
+    """
+    from crystallm.diffraction.lattice_fit import fit_lattice
+
+    first: dict[str, Structure] = {}
+    for name, structure in attempted:
+        first.setdefault(csp_targets(name), structure)
+    before = lattice_errors([first.get(i) for i in targets], list(targets.values()))
+    fitted = [(name, fit_lattice(structure, patterns[csp_targets(name)]).structure) for name, structure in attempted]
+    return fitted, before
