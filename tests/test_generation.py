@@ -153,6 +153,25 @@ def test_generate_writes_readable_cifs_extxyz_and_summaries_and_resumes(tiny_mod
     assert _generate(out, tiny_model_dir, "--num", "6", "--resume", "--seed", "9") == 2  # other settings
 
 
+def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
+    import copy
+
+    model, tokenizer = tiny
+    run = {"progress": False, "batch_size": 2}
+    run_folder.generate_into(GenerationFolder(tmp_path, {"num": 2}), model, tokenizer, None, num=2, **run)
+    retrained = copy.deepcopy(model)  # the same settings ("default") after the default was retrained
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)
+    with pytest.raises(CrystaLLMInputError, match="weights"):
+        run_folder.generate_into(GenerationFolder(tmp_path, {"num": 4}, resume=True), retrained, tokenizer, None,
+                                 num=4, **run)
+    # refused before anything was written; the model that wrote them continues the run
+    summary = run_folder.generate_into(GenerationFolder(tmp_path, {"num": 4}, resume=True), model, tokenizer, None,
+                                       num=4, **run)
+    assert summary["entries"] == 4
+    assert json.loads((tmp_path / "run.json").read_text())["weights"] == run_folder.weights_fingerprint(model)
+
+
 @pytest.mark.slow
 def test_a_killed_run_keeps_every_finished_structure_and_resume_completes_it(tiny_model_dir, tmp_path):
     out = tmp_path / "killed"

@@ -7,7 +7,8 @@
     summary.csv       one row per sample: formula, stated and detected space group, parse and validity flags
     summary.json      counts and rates (the `crystallm evaluate` summary) plus generation speed; uniqueness
                       (pairwise matching) is added when the run ends
-    run.json          the settings of the run; `--resume` continues only a run with the same settings
+    run.json          the settings of the run and the fingerprint of the model's weights; `--resume` continues
+                      only a run with the same settings and weights
 
 The journal is appended and synced first; the other files are rewritten atomically (a copy is appended to and
 moved into place), so killing the process at any moment leaves every finished structure readable, and a
@@ -17,12 +18,14 @@ resumed run rebuilds them from the journal.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from pymatgen.core import Structure
 
 from crystallm.errors import CrystaLLMInputError, OutputWriteError
@@ -60,11 +63,15 @@ class GenerationFolder:
         self.journal = self.directory / "samples.jsonl"
         self.records: list[dict] = []
         self.entries: list[dict] = []
+        self.weights: str | None = None  # the fingerprint of the weights that wrote the samples there
         if self.journal.exists() and self.journal.stat().st_size:
             if not resume:
                 raise CrystaLLMInputError(f"{self.directory} already holds a run; pass --resume to continue it "
                                           f"or choose another --out")
-            self._check_settings()
+            path = self.directory / "run.json"
+            stored = json.loads(path.read_text()) if path.exists() else {}
+            self.weights = stored.pop("weights", None)
+            self._check_settings(stored)
             self._rebuild()
         else:
             for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
@@ -76,9 +83,16 @@ class GenerationFolder:
         """How many samples are on disk."""
         return len(self.entries)
 
-    def _check_settings(self) -> None:
-        path = self.directory / "run.json"
-        stored = json.loads(path.read_text()) if path.exists() else {}
+    def check_weights(self, fingerprint: str) -> None:
+        """Record the fingerprint (`weights_fingerprint`) of the model about to write here; samples already there
+        from other weights (the same settings, another model: a retrained default) are refused, not mixed."""
+        if self.finished and self.weights not in (None, fingerprint):
+            raise CrystaLLMInputError(f"{self.directory}: --resume needs the model that wrote the samples there "
+                                      f"(weights {self.weights}, now {fingerprint}); choose another --out")
+        self.weights = fingerprint
+        reports.write_json({**self.settings, "weights": fingerprint}, self.directory / "run.json")
+
+    def _check_settings(self, stored: dict) -> None:
         differ = [key for key in set(stored) | set(self.settings)
                   if key != "num" and stored.get(key) != self.settings.get(key)]
         if differ:
@@ -259,6 +273,21 @@ def merge_shards(directory: str | Path) -> GenerationFolder:
     return merged
 
 
+def weights_fingerprint(model) -> str:
+    """The first 16 hex digits of a SHA-256 over the model's state dict (names and bytes): what tells two
+    models' samples apart where the settings name both "default".
+
+    >>> import torch
+    >>> weights_fingerprint(torch.nn.Linear(2, 2)) == weights_fingerprint(torch.nn.Linear(2, 2))
+    False
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
                   names: list[str] | None = None, batch_size: int = 64, progress: bool = True,
                   shard: tuple[int, int] = (0, 1), **sampling) -> dict:
@@ -276,6 +305,7 @@ def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | 
     """
     from tqdm import tqdm
 
+    folder.check_weights(weights_fingerprint(model))
     index, count = shard
     # This shard's batches are index, index + count, ...: those done are whole batches, so the next one to do is
     # the (done + 1)-th of them.
