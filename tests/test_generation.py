@@ -172,6 +172,17 @@ def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["weights"] == run_folder.weights_fingerprint(model)
 
 
+def test_the_weights_fingerprint_follows_the_active_adapter_only():
+    from crystallm.adapters import use_adapter
+
+    model, _ = load_generator(device="cpu")
+    band_gap = run_folder.weights_fingerprint(use_adapter(model, "band_gap"))
+    model = use_adapter(model, "formation_energy_per_atom")  # loaded beside it and active: another generator
+    assert run_folder.weights_fingerprint(model) != band_gap
+    # band_gap active again, formation energy still loaded: the first generator (a design run resumes it)
+    assert run_folder.weights_fingerprint(use_adapter(model, "band_gap")) == band_gap
+
+
 @pytest.mark.slow
 def test_a_killed_run_keeps_every_finished_structure_and_resume_completes_it(tiny_model_dir, tmp_path):
     out = tmp_path / "killed"

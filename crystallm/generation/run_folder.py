@@ -275,14 +275,20 @@ def merge_shards(directory: str | Path) -> GenerationFolder:
 
 def weights_fingerprint(model) -> str:
     """The first 16 hex digits of a SHA-256 over the model's state dict (names and bytes): what tells two
-    models' samples apart where the settings name both "default".
+    models' samples apart where the settings name both "default". Adapters loaded but not active (PEFT names
+    each adapter's weights after it) do not count: loading another one does not change what generates.
 
     >>> import torch
     >>> weights_fingerprint(torch.nn.Linear(2, 2)) == weights_fingerprint(torch.nn.Linear(2, 2))
     False
     """
+    loaded = set(getattr(model, "peft_config", None) or {})
+    active = getattr(model, "active_adapters", None) if loaded else None  # a method on transformers' models
+    inactive = loaded - set((active() if callable(active) else active) or [])
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if any(f".{adapter}." in f"{name}." for adapter in inactive):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
