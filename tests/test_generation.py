@@ -162,6 +162,7 @@ def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
     retrained = copy.deepcopy(model)  # the same settings ("default") after the default was retrained
     with torch.no_grad():
         next(retrained.parameters()).add_(0.01)
+    GenerationFolder(tmp_path, {"num": 2}, resume=True)  # opened, nothing generated: the record stays
     with pytest.raises(CrystaLLMInputError, match="weights"):
         run_folder.generate_into(GenerationFolder(tmp_path, {"num": 4}, resume=True), retrained, tokenizer, None,
                                  num=4, **run)

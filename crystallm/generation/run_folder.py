@@ -76,7 +76,9 @@ class GenerationFolder:
         else:
             for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
                 (self.directory / name).unlink(missing_ok=True)
-        reports.write_json(settings, self.directory / "run.json")
+        # the weights that wrote the samples stay recorded until `check_weights` meets the next model
+        reports.write_json({**settings, **({"weights": self.weights} if self.weights else {})},
+                           self.directory / "run.json")
 
     @property
     def finished(self) -> int:
@@ -192,8 +194,6 @@ def _add_rows(path: Path, entries: list[dict], records: list[ScoredStructure]) -
         if new:
             writer.writeheader()
         writer.writerows(_csv_row(e, r) for e, r in zip(entries, records))
-
-
 
 
 def _add_frames(path: Path, structures: dict) -> None:
