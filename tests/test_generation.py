@@ -150,6 +150,11 @@ def test_generate_writes_readable_cifs_extxyz_and_summaries_and_resumes(tiny_mod
     assert _generate(out, tiny_model_dir, "--num", "6", "--resume") == 0
     lines, cifs, frames = _outputs(out)
     assert [entry["index"] for entry in lines] == list(range(6)) and len(cifs) == len(frames) == 6
+    # ended on a short batch (7 of batches of 2), then resumed with more: each index once
+    assert _generate(out, tiny_model_dir, "--num", "7", "--resume") == 0
+    assert _generate(out, tiny_model_dir, "--num", "9", "--resume") == 0
+    lines, cifs, frames = _outputs(out)
+    assert [entry["index"] for entry in lines] == list(range(9)) and len(cifs) == len(frames) == 9
     assert _generate(out, tiny_model_dir, "--num", "6", "--resume", "--seed", "9") == 2  # other settings
 
 

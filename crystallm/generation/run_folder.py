@@ -322,9 +322,13 @@ def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | 
     with tqdm(total=owned, initial=min(folder.finished, owned), desc="generating", unit=" structures",
               disable=not progress) as bar:
         batch: list[GeneratedSample] = []
+        # A run that ended on a short batch and is resumed with a larger `num` draws that batch again, whole (each
+        # batch is seeded as one); the samples already held are kept, not written twice.
+        held = {entry["index"] for entry in folder.entries}
         for sample in samples:
-            batch.append(sample)
-            if len(batch) == batch_size or sample.index == num - 1:
+            if sample.index not in held:
+                batch.append(sample)
+            if (sample.index + 1) % batch_size == 0 or sample.index == num - 1:
                 folder.write(batch, [names[s.index] for s in batch] if names else None)
                 bar.update(len(batch))
                 batch = []
