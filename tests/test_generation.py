@@ -176,6 +176,14 @@ def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
                                        num=4, **run)
     assert summary["entries"] == 4
     assert json.loads((tmp_path / "run.json").read_text())["weights"] == run_folder.weights_fingerprint(model)
+    # a folder from before the weights were recorded: no model can be told to have written it
+    settings = json.loads((tmp_path / "run.json").read_text())
+    del settings["weights"]
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(CrystaLLMInputError, match="do not record the weights"):
+        run_folder.generate_into(GenerationFolder(tmp_path, {"num": 6}, resume=True), model, tokenizer, None,
+                                 num=6, **run)
+    assert len(GenerationFolder(tmp_path, {"num": 6}, resume=True).entries) == 4  # nothing lost or added
 
 
 def test_the_weights_fingerprint_follows_the_active_adapter_only():

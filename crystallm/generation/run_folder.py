@@ -87,8 +87,13 @@ class GenerationFolder:
 
     def check_weights(self, fingerprint: str) -> None:
         """Record the fingerprint (`weights_fingerprint`) of the model about to write here; samples already there
-        from other weights (the same settings, another model: a retrained default) are refused, not mixed."""
-        if self.finished and self.weights not in (None, fingerprint):
+        from other weights (the same settings, another model: a retrained default) are refused, not mixed, and
+        so are samples whose weights were never recorded (a folder written before crystallm recorded them)."""
+        if self.finished and self.weights is None:
+            raise CrystaLLMInputError(f"{self.directory}: its samples do not record the weights that wrote them "
+                                      f"(written by an older crystallm), so --resume cannot tell whether this "
+                                      f"model did; choose another --out")
+        if self.finished and self.weights != fingerprint:
             raise CrystaLLMInputError(f"{self.directory}: --resume needs the model that wrote the samples there "
                                       f"(weights {self.weights}, now {fingerprint}); choose another --out")
         self.weights = fingerprint
