@@ -6,7 +6,8 @@ for each target formula, then match them to the targets.
 `model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
 `crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.
 With `rank: chgnet`, every structurally valid attempt is relaxed by CHGNet (`stability.jsonl`, resumable) and
-the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken. With `pattern:
+the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken (`relaxation:
+{steps: 0}`: the energy of each attempt as generated, one CHGNet call instead of a relaxation). With `pattern:
 clean` (or `degraded`) each prompt holds the target's computed powder pattern (or a degraded one) for the
 model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it. With
 `pattern_in_prompt: false` the prompts hold the formula alone (no adapter needed) and the pattern is used after

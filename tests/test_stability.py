@@ -91,6 +91,8 @@ def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_
     ranking = rank_by_energy([("squeezed", squeezed), ("broken", overlapping), ("real", real)],
                              tmp_path / "cache.jsonl", RelaxationSettings(steps=0), progress=False)
     assert [r["name"] for r in ranking] == ["real", "squeezed", "broken"] and [r["rank"] for r in ranking] == [1, 2, 3]
+    # steps 0: the energy of each structure as given, nothing moved
+    assert all(r["energy_per_atom"] == r["initial_energy_per_atom"] and r["rmsd"] < 1e-9 for r in ranking[:2])
 
 
 def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():

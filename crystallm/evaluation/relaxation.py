@@ -49,7 +49,8 @@ APPROXIMATIONS = {
 @dataclass(frozen=True)
 class RelaxationSettings:
     """How far a relaxation may go. A structure whose volume changes by more than `max_volume_ratio` (either
-    way) or whose energy stops being finite has exploded and is recorded as failed."""
+    way) or whose energy stops being finite has exploded and is recorded as failed. `steps=0` takes the energy
+    of the structure as it is (a single CHGNet call: what ranks CSP attempts at scale, see eval/csp.py)."""
 
     steps: int = 100
     fmax: float = 0.1  # eV/Å
@@ -186,7 +187,7 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
 def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
                    settings: RelaxationSettings = RelaxationSettings(), progress: bool = True) -> list[dict]:
     """Relax each (name, structure) (`stability_records`, resumable through `cache`) and return their results
-    ordered by relaxed CHGNet energy per atom, lowest first, each with its `rank` (1 = best guess); structures
+    ordered by CHGNet energy per atom after the relaxation (`settings.steps=0`: as given), lowest first, each with its `rank` (1 = best guess); structures
     whose relaxation failed come last, in input order.
     """
     results = stability_records(structures, cache, settings, progress=progress)
