@@ -53,8 +53,13 @@ def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
 
 def test_csp_of_structures_against_themselves(mp20_test_slice):
     structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
-    result, rms = matching.csp_match(structures, [[s.copy()] for s in structures], attempts=1)
-    assert result.match_rate == 1.0 and result.mean_rms < 1e-6
+    # a shuffled copy of each after its target: the copy matches at n=2, not at n=1; two processes agree with one
+    predictions = [[structures[i - 1].copy(), s.copy()] for i, s in enumerate(structures)]
+    rms = matching.csp_rms(structures, predictions, num_proc=2)
+    assert rms == matching.csp_rms(structures, predictions, num_proc=1)
+    first, _ = matching.csp_result(rms, attempts=1)
+    result, _ = matching.csp_result(rms, attempts=2)
+    assert first.match_rate < 0.5 and result.match_rate == 1.0 and result.mean_rms < 1e-6
 
 
 def test_space_group_statistics():

@@ -130,7 +130,7 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
                 raise CrystaLLMInputError(f"{csp.ids_file}: {len(missing)} ids are not in {csp.targets}, "
                                           f"e.g. {missing[:3]}")
             targets = [by_name[name] for name in wanted]
-        summary["csp"] = evaluate_csp(records, targets, csp.attempts, csp.ranking)
+        summary["csp"] = evaluate_csp(records, targets, csp.attempts, csp.ranking, options.num_proc, options.ray)
         summary["csp_targets"] = f"{csp.targets}" + (f" ({csp.ids_file}, {len(targets)} ids)" if csp.ids_file else "")
     if stability:
         summary["stability"] = _evaluate_stability(records, stability.settings, stability.cache or

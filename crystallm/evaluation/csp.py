@@ -42,28 +42,30 @@ def read_ids(path: str | Path) -> list[str]:
 
 
 def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure], attempts: tuple[int, ...] = (1, 20),
-                 ranking: dict[str, float] | None = None) -> dict:
+                 ranking: dict[str, float] | None = None, num_proc: int | None = 1, ray: str | None = None) -> dict:
     """CSP match rate and mean RMS at each n in `attempts`. Predictions are grouped by target id (entry names
     '<id>' or '<id>__<k>', in input order); targets without predictions count as unmatched. With `ranking`
     (entry name -> score, e.g. relaxed energy per atom), `ranked n=1` is the match rate of each target's
     lowest-scored prediction: what a user who takes the first of the ranked attempts gets (no score: ranked
-    last)."""
+    last). Each prediction is matched once (`matching.csp_rms`, in `num_proc` processes or on `ray`)."""
     predictions: dict[str, list[tuple[str, Structure | None]]] = {}
     for r in records:
         predictions.setdefault(csp_targets(r.name), []).append((r.name, None if r.error else r.structure))
     target_structures = [t.structure for t in targets]
-    groups = [predictions.get(t.name, []) for t in targets]
-    orders = {f"n={n}": ([[s for _, s in group] for group in groups], n) for n in attempts}
+    groups = [predictions.get(t.name, [])[: None if ranking is not None else max(attempts)] for t in targets]
+    rms = matching.csp_rms(target_structures, [[s for _, s in group] for group in groups], num_proc, ray)
+    orders = {f"n={n}": ([list(zip(group, distances)) for group, distances in zip(groups, rms)], n)
+              for n in attempts}
     if ranking is not None:
-        orders["ranked n=1"] = ([[s for _, s in sorted(group, key=lambda p: ranking.get(p[0], math.inf))]
-                                 for group in groups], 1)
+        orders["ranked n=1"] = ([sorted(zip(group, distances), key=lambda p: ranking.get(p[0][0], math.inf))
+                                 for group, distances in zip(groups, rms)], 1)
     results = {}
-    for key, (candidates, n) in orders.items():
-        result, _ = matching.csp_match(target_structures, candidates, n)
+    for key, (ordered, n) in orders.items():
+        result, _ = matching.csp_result([[d for _, d in pairs] for pairs in ordered], n)
         results[key] = {"match_rate": result.match_rate, "mean_rms": result.mean_rms,
                         "matched": result.matched, "targets": result.targets}
     first, _ = orders["ranked n=1" if ranking is not None else f"n={min(attempts)}"]
-    results["lattice n=1"] = lattice_errors([group[0] if group else None for group in first], target_structures)
+    results["lattice n=1"] = lattice_errors([pairs[0][0][1] if pairs else None for pairs in first], target_structures)
     return results
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from crystallm.evaluation.pools import worker_pool
+
 CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # DESIGN.md section 5
 
 
@@ -70,31 +72,44 @@ class CSPResult:
     mean_rms: float | None
 
 
-def csp_match(targets: list[Structure], predictions: list[list[Structure | None]], attempts: int,
-              matcher: StructureMatcher | None = None) -> tuple[CSPResult, list[float | None]]:
-    """Crystal structure prediction: a target counts as matched if any of its first `attempts` predictions
-    matches it (StructureMatcher stol=0.5, angle_tol=10, ltol=0.3); its RMS is the best among those.
+def _rms_to_target(pair: tuple[Structure, list[Structure | None]]) -> list[float | None]:
+    target, candidates = pair
+    matcher = StructureMatcher(**CSP_MATCHER_KWARGS)
+    distances = [None if c is None else matcher.get_rms_dist(target, c) for c in candidates]
+    return [None if d is None else float(d[0]) for d in distances]
 
-    Returns the summary and each target's RMS (None where unmatched).
+
+def csp_rms(targets: list[Structure], predictions: list[list[Structure | None]],
+            num_proc: int | None = 1, ray: str | None = None) -> list[list[float | None]]:
+    """Each prediction's RMS distance to its target (StructureMatcher stol=0.5, angle_tol=10, ltol=0.3; normalized
+    by (V/n)^(1/3)), None where it does not match or is missing. Targets are matched in `num_proc` worker
+    processes (None: every core; `ray`: see `pools.worker_pool`), each pair once whatever n is asked later.
 
     >>> from pymatgen.core import Lattice
     >>> a = Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
-    >>> result, rms = csp_match([a], [[None, a.copy()]], attempts=1)
-    >>> result.match_rate, csp_match([a], [[None, a.copy()]], attempts=2)[0].match_rate
-    (0.0, 1.0)
+    >>> stretched = Structure(Lattice.tetragonal(4.2, 6.3), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    >>> csp_rms([a], [[None, stretched, a.copy()]])
+    [[None, None, 0.0]]
     """
-    matcher = matcher or StructureMatcher(**CSP_MATCHER_KWARGS)
-    per_target: list[float | None] = []
-    for target, candidates in zip(targets, predictions):
-        best = None
-        for candidate in candidates[:attempts]:
-            if candidate is None:
-                continue
-            rms = matcher.get_rms_dist(target, candidate)
-            if rms is not None and (best is None or rms[0] < best):
-                best = float(rms[0])
-        per_target.append(best)
-    matched = [rms for rms in per_target if rms is not None]
-    result = CSPResult(attempts, len(targets), len(matched), len(matched) / len(targets) if targets else 0.0,
+    pairs = list(zip(targets, predictions))
+    if (num_proc == 1 and ray is None) or len(pairs) < 2:
+        return [_rms_to_target(pair) for pair in pairs]
+    with worker_pool(num_proc, ray) as pool:
+        return list(pool.imap(_rms_to_target, pairs, chunksize=4))
+
+
+def csp_result(rms: list[list[float | None]], attempts: int) -> tuple[CSPResult, list[float | None]]:
+    """Crystal structure prediction at n=`attempts` from `csp_rms`'s distances (each target's predictions in the
+    order they are taken): a target counts as matched if any of its first `attempts` predictions matches it; its
+    RMS is the best among those. Returns the summary and each target's RMS (None where unmatched).
+
+    >>> result, best = csp_result([[None, 0.2, 0.1], [None]], attempts=2)
+    >>> result.match_rate, best
+    (0.5, [0.2, None])
+    """
+    per_target = [min((d for d in distances[:attempts] if d is not None), default=None) for distances in rms]
+    matched = [d for d in per_target if d is not None]
+    result = CSPResult(attempts, len(rms), len(matched), len(matched) / len(rms) if rms else 0.0,
                        float(np.mean(matched)) if matched else None)
     return result, per_target
+
