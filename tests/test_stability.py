@@ -19,7 +19,8 @@ from crystallm.io.cif import structure_from_cif
 def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
     structures = [structure_from_cif(row["cif"], row["id"]) for row in mp20_test_slice[:2]]
     overlapping = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0, 0, 0]])
-    results = relax_structures(structures + [overlapping], steps=3)
+    superheavy = Structure(Lattice.cubic(4.0), ["Na", "Og"], [[0, 0, 0], [.5, .5, .5]])
+    results = relax_structures(structures + [overlapping, superheavy], steps=3)
     for structure, result in zip(structures, results[:2]):
         assert result["error"] == "" and math.isfinite(result["energy_per_atom"])
         assert result["energy_per_atom"] <= result["initial_energy_per_atom"] + 1e-3  # relaxing goes downhill
@@ -29,6 +30,7 @@ def test_a_short_chgnet_relaxation_of_real_structures(mp20_test_slice):
         moved = [site.distance(relaxed[i]) for i, site in enumerate(structure)]
         assert result["rmsd"] == pytest.approx(math.sqrt(sum(d * d for d in moved) / len(moved)), abs=0.05)
     assert results[2]["error"]  # recorded with its reason, the batch went on
+    assert results[3]["error"] == "ValueError: CHGNet knows the elements up to Pu (Z 94), not Og"
 
 
 def test_the_hull_gives_back_mp_formation_energies_and_e_hull_of_real_test_rows(mp20_test_slice):
@@ -93,6 +95,31 @@ def test_attempts_are_ranked_by_relaxed_energy_and_failures_come_last(mp20_test_
     assert [r["name"] for r in ranking] == ["real", "squeezed", "broken"] and [r["rank"] for r in ranking] == [1, 2, 3]
     # steps 0: the energy of each structure as given, nothing moved
     assert all(r["energy_per_atom"] == r["initial_energy_per_atom"] and r["rmsd"] < 1e-9 for r in ranking[:2])
+
+
+def test_generate_ranks_its_samples_by_chgnet_energy_and_the_cache_keeps_settings_apart(tiny_model_dir, tmp_path):
+    import csv
+
+    from crystallm.evaluation.relaxation import rank_by_energy
+    from crystallm.generation.run_folder import GenerationFolder
+
+    out = tmp_path / "run"
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--out", str(out), "--num", "4", "--batch-size", "2",
+                     "--max-atoms", "12", "--quiet", "--formula", "NaCl", "--rank", "chgnet", "--relax-steps", "0"]) == 0
+    with open(out / "ranking.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    cached = list(read_json_lines(out / "stability.jsonl"))
+    assert len(rows) == len(cached) == 4 and {r["settings"]["steps"] for r in cached} == {0}
+    energies = [float(r["energy_per_atom"]) for r in rows if not r["error"]]
+    assert energies == sorted(energies) and all(r["steps"] == 0 for r in cached)
+    # Relaxed ranking of the same folder: the energies as generated are not reused as relaxed ones.
+    settings = {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k != "weights"}
+    samples = GenerationFolder(out, settings, resume=True).valid_structures()
+    relaxed = rank_by_energy(samples, out / "stability.jsonl", RelaxationSettings(steps=2), progress=False)
+    assert {r["settings"]["steps"] for r in relaxed} == {2} and len(list(read_json_lines(out / "stability.jsonl"))) == 8
+    again = rank_by_energy(samples, out / "stability.jsonl", RelaxationSettings(steps=2), progress=False)
+    assert [r["name"] for r in again] == [r["name"] for r in relaxed]
+    assert len(list(read_json_lines(out / "stability.jsonl"))) == 8  # reused, not relaxed again
 
 
 def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():

@@ -18,6 +18,7 @@ Every approximation is written into each result (`APPROXIMATIONS`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from pymatgen.core import Structure
+from pymatgen.core import Element, Structure
 
 from crystallm.evaluation import reports
 from crystallm.evaluation.hull import HULL_SOURCES, STABLE_E_HULL, ReferenceHull, place_on_hull
@@ -44,6 +45,9 @@ APPROXIMATIONS = {
     "rmsd": "root mean square of the atoms' displacements (Å) between generated and relaxed structure, "
             "fractional differences taken the short way, in the relaxed lattice",
 }
+
+
+CHGNET_LAST_ELEMENT = Element("Pu")  # its atom embedding covers Z 1-94
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,10 @@ def relax_structure(structure: Structure, settings: RelaxationSettings = Relaxat
     started = time.perf_counter()
     result = {"error": "", "seconds": 0.0}
     try:
+        beyond = sorted({e.symbol for e in structure.composition if e.Z > CHGNET_LAST_ELEMENT.Z})
+        if beyond:
+            raise ValueError(f"CHGNet knows the elements up to {CHGNET_LAST_ELEMENT} (Z {CHGNET_LAST_ELEMENT.Z}), "
+                             f"not {', '.join(beyond)}")
         atoms = AseAtomsAdaptor.get_atoms(structure)
         atoms.calc = _calculator()
         initial_energy = atoms.get_potential_energy() / len(atoms)
@@ -155,8 +163,8 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                       progress: bool = True, ray: str | None = None) -> list[dict]:
     """Relax each (name, structure) and place it on the hull from ../shared/data (`place_on_hull`), in order, with
     a progress bar. Each relaxation is appended to the JSON-lines `cache` as soon as it is known, and names already
-    there are not relaxed again (a killed run resumes); the hull placement is recomputed from the cached
-    relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
+    there with the same `settings` are not relaxed again (a killed run resumes; records written before settings
+    were recorded count as the same); the hull placement is recomputed from the cached relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
     `pools.worker_pool`) each hold a CHGNet.
     """
     import os
@@ -165,7 +173,9 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
 
     structures = list(structures)
     cache = Path(cache)
-    done = {record["name"]: record for record in reports.read_json_lines(cache)}
+    wanted = dataclasses.asdict(settings)
+    done = {record["name"]: record for record in reports.read_json_lines(cache)
+            if record.get("settings", wanted) == wanted}
     todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
     num_proc = num_proc or (None if ray else os.cpu_count() or 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +185,7 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
         with worker_pool(num_proc, ray, "spawn", _worker_start) if pooled else contextlib.nullcontext() as pool:
             results = pool.imap(_relax_star, todo) if pool else map(_relax_star, todo)
             for record in results:
-                line = json.dumps(record)
+                line = json.dumps({**record, "settings": wanted})
                 handle.write(line + "\n")
                 handle.flush()
                 done[record["name"]] = json.loads(line)  # as a resumed run will read it
