@@ -112,4 +112,3 @@ def csp_result(rms: list[list[float | None]], attempts: int) -> tuple[CSPResult,
     result = CSPResult(attempts, len(rms), len(matched), len(matched) / len(rms) if rms else 0.0,
                        float(np.mean(matched)) if matched else None)
     return result, per_target
-

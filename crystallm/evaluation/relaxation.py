@@ -162,10 +162,11 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                       settings: RelaxationSettings = RelaxationSettings(), num_proc: int | None = None,
                       progress: bool = True, ray: str | None = None) -> list[dict]:
     """Relax each (name, structure) and place it on the hull from ../shared/data (`place_on_hull`), in order, with
-    a progress bar. Each relaxation is appended to the JSON-lines `cache` as soon as it is known, and names already
-    there with the same `settings` are not relaxed again (a killed run resumes; records written before settings
-    were recorded count as the same); the hull placement is recomputed from the cached relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
-    `pools.worker_pool`) each hold a CHGNet.
+    a progress bar. Each relaxation is appended to the JSON-lines `cache` as soon as it is known with its
+    `settings`, and names already there under the same settings are not relaxed again (a killed run resumes;
+    records from before settings were recorded count as the same); the hull placement is recomputed from the
+    cached relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster,
+    see `pools.worker_pool`) each hold a CHGNet.
     """
     import os
 
@@ -197,8 +198,8 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
 def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
                    settings: RelaxationSettings = RelaxationSettings(), progress: bool = True) -> list[dict]:
     """Relax each (name, structure) (`stability_records`, resumable through `cache`) and return their results
-    ordered by CHGNet energy per atom after the relaxation (`settings.steps=0`: as given), lowest first, each with its `rank` (1 = best guess); structures
-    whose relaxation failed come last, in input order.
+    ordered by CHGNet energy per atom after the relaxation (`settings.steps=0`: as given), lowest first, each with
+    its `rank` (1 = best guess); structures whose relaxation failed come last, in input order.
     """
     results = stability_records(structures, cache, settings, progress=progress)
     ordered = sorted(results, key=lambda r: (bool(r["error"]), r.get("energy_per_atom", math.inf)))
