@@ -105,7 +105,8 @@ def test_generate_ranks_its_samples_by_chgnet_energy_and_the_cache_keeps_setting
 
     out = tmp_path / "run"
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--out", str(out), "--num", "4", "--batch-size", "2",
-                     "--max-atoms", "12", "--quiet", "--formula", "NaCl", "--rank", "chgnet", "--relax-steps", "0"]) == 0
+                     "--max-atoms", "12", "--quiet", "--formula", "NaCl",
+                     "--rank", "chgnet", "--relax-steps", "0"]) == 0
     with open(out / "ranking.csv") as handle:
         rows = list(csv.DictReader(handle))
     cached = list(read_json_lines(out / "stability.jsonl"))
