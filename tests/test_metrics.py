@@ -46,6 +46,8 @@ def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
     rotated = structures[0].copy()
     rotated.apply_operation(SymmOp.from_axis_angle_and_translation([1, 2, 3], 33))
     assert matching.unique_mask(structures + [rotated]) == [True] * 10 + [False]
+    # the same in two worker processes, with duplicates of two crystals
+    assert matching.unique_mask(structures + [rotated, structures[1].copy()], num_proc=2) == [True] * 10 + [False] * 2
     entries = [Entry(str(i), "structure", s) for i, s in enumerate(structures)]
     assert ReferenceSet("all", entries).novel_mask(structures[:3]) == [False] * 3
     assert ReferenceSet("others", entries[3:]).novel_mask(structures[:3]) == [True] * 3

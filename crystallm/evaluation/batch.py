@@ -113,7 +113,8 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
 
     test_records = collection(test, options.coverage) if test else None
     benchmark = str(test or "").partition("/")[0]
-    summary = summarize(records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS))
+    summary = summarize(records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS),
+                        num_proc=options.num_proc, ray=options.ray)
     if reference:
         reference_set = reference if isinstance(reference, ReferenceSet) else ReferenceSet.from_collection(reference)
         summary.update(summarize_novelty(records, reference_set, options.neighbours))

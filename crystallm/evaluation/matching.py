@@ -15,7 +15,7 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from crystallm.evaluation.pools import worker_pool
+from crystallm.evaluation.pools import ordered_map
 
 CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # DESIGN.md section 5
 
@@ -40,8 +40,21 @@ def _by_key(structures: list[Structure]) -> dict[tuple[str, int], list[int]]:
     return groups
 
 
-def unique_mask(structures: list[Structure], matcher: StructureMatcher | None = None) -> list[bool]:
-    """True for the first structure of each StructureMatcher class, False for later duplicates.
+def _unique_in_group(group: tuple[StructureMatcher, list[Structure]]) -> list[bool]:
+    matcher, structures = group
+    kept: list[Structure] = []
+    flags = []
+    for structure in structures:
+        flags.append(not any(matcher.fit(structure, other) for other in kept))
+        if flags[-1]:
+            kept.append(structure)
+    return flags
+
+
+def unique_mask(structures: list[Structure], matcher: StructureMatcher | None = None, num_proc: int | None = 1,
+                ray: str | None = None) -> list[bool]:
+    """True for the first structure of each StructureMatcher class, False for later duplicates. The groups the
+    pre-filter forms are matched in `num_proc` worker processes (None: every core; `ray`: `pools.worker_pool`).
 
     >>> from pymatgen.core import Lattice
     >>> a = Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
@@ -51,13 +64,11 @@ def unique_mask(structures: list[Structure], matcher: StructureMatcher | None = 
     """
     matcher = check_matcher(matcher)
     mask = [True] * len(structures)
-    for indices in _by_key(structures).values():
-        kept: list[int] = []
-        for index in indices:
-            if any(matcher.fit(structures[index], structures[other]) for other in kept):
-                mask[index] = False
-            else:
-                kept.append(index)
+    groups = [indices for indices in _by_key(structures).values() if len(indices) > 1]
+    work = [(matcher, [structures[i] for i in indices]) for indices in groups]
+    for indices, group_flags in zip(groups, ordered_map(_unique_in_group, work, num_proc, ray)):
+        for index, flag in zip(indices, group_flags):
+            mask[index] = flag
     return mask
 
 
@@ -91,11 +102,7 @@ def csp_rms(targets: list[Structure], predictions: list[list[Structure | None]],
     >>> csp_rms([a], [[None, stretched, a.copy()]])
     [[None, None, 0.0]]
     """
-    pairs = list(zip(targets, predictions))
-    if (num_proc == 1 and ray is None) or len(pairs) < 2:
-        return [_rms_to_target(pair) for pair in pairs]
-    with worker_pool(num_proc, ray) as pool:
-        return list(pool.imap(_rms_to_target, pairs, chunksize=4))
+    return list(ordered_map(_rms_to_target, zip(targets, predictions), num_proc, ray, chunksize=4))
 
 
 def csp_result(rms: list[list[float | None]], attempts: int) -> tuple[CSPResult, list[float | None]]:

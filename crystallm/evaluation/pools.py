@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from crystallm.errors import CrystaLLMInputError
 
@@ -55,3 +55,18 @@ def worker_pool(processes: int | None, ray: str | None = None, start_method: str
     except ConnectionError as error:
         raise CrystaLLMInputError(f"--ray {ray}: no Ray cluster there ({error}); start one with `ray start --head` "
                                   f"or pass --ray local") from None
+
+
+def ordered_map(function: Callable, items: Iterable, num_proc: int | None = 1, ray: str | None = None,
+                chunksize: int = 1) -> Iterator:
+    """`function` over `items`, yielded in input order: in this process where `num_proc` is 1 and there is no
+    `ray`, else in a `worker_pool` (`function` must then be importable).
+
+    >>> list(ordered_map(abs, [-1, -2, 3], num_proc=2))
+    [1, 2, 3]
+    """
+    if num_proc == 1 and ray is None:
+        yield from map(function, items)
+        return
+    with worker_pool(num_proc, ray) as pool:
+        yield from pool.imap(function, items, chunksize=chunksize)

@@ -18,7 +18,7 @@ from pymatgen.core import Structure
 from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import distribution, matching, symmetry_stats, validity
-from crystallm.evaluation.pools import worker_pool
+from crystallm.evaluation.pools import ordered_map
 from crystallm.evaluation.readers import Entry
 from crystallm.io import cif, text_format
 
@@ -152,11 +152,7 @@ def score_entries(entries: Iterable[Entry], fingerprints: bool = False, bond_len
     """Score entries in worker processes (on a Ray cluster with `ray`, see `pools.worker_pool`), yielding records
     in input order as they finish."""
     work = ((entry, fingerprints, bond_lengths) for entry in entries)
-    if num_proc == 1 and ray is None:
-        yield from map(_score_star, work)
-        return
-    with worker_pool(num_proc, ray) as pool:
-        yield from pool.imap(_score_star, work, chunksize=16)
+    yield from ordered_map(_score_star, work, num_proc, ray, chunksize=16)
 
 
 def _rate(values) -> float | None:
@@ -175,12 +171,14 @@ def _reason(record: ScoredStructure) -> str:
 
 
 def summarize(records: list[ScoredStructure], test: list[ScoredStructure] | None = None,
-              coverage_cutoffs: dict[str, float] | None = None, uniqueness: bool = True) -> dict:
+              coverage_cutoffs: dict[str, float] | None = None, uniqueness: bool = True, num_proc: int | None = 1,
+              ray: str | None = None) -> dict:
     """Set-level metrics of scored records (see README for every key).
 
     Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
     valid structures (novelty against a reference: `reference.summarize_novelty`). `uniqueness=False` leaves
-    out the pairwise matching (for summaries rewritten while a run goes on). Each valid record gets its flag
+    out the pairwise matching (for summaries rewritten while a run goes on; `num_proc` and `ray` say where it runs,
+    `matching.unique_mask`). Each valid record gets its flag
     `unique` for per-structure use (S.U.N.).
     """
     scored = [r for r in records if not r.error]
@@ -213,7 +211,7 @@ def summarize(records: list[ScoredStructure], test: list[ScoredStructure] | None
         },
     }
     if uniqueness:
-        unique = matching.unique_mask([r.structure for r in valid])
+        unique = matching.unique_mask([r.structure for r in valid], num_proc=num_proc, ray=ray)
         summary["uniqueness"] = sum(unique) / len(valid) if valid else None
         for record, flag in zip(valid, unique):
             record.unique = flag
