@@ -55,7 +55,7 @@ def test_uniqueness_and_novelty_on_real_structures(mp20_test_slice):
 
 def test_csp_of_structures_against_themselves(mp20_test_slice):
     structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice[:10]]
-    # a shuffled copy of each after its target: the copy matches at n=2, not at n=1; two processes agree with one
+    # another crystal first, then a copy of the target: it matches at n=2, not at n=1; two processes agree with one
     predictions = [[structures[i - 1].copy(), s.copy()] for i, s in enumerate(structures)]
     rms = matching.csp_rms(structures, predictions, num_proc=2)
     assert rms == matching.csp_rms(structures, predictions, num_proc=1)

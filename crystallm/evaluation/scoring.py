@@ -176,10 +176,9 @@ def summarize(records: list[ScoredStructure], test: list[ScoredStructure] | None
     """Set-level metrics of scored records (see README for every key).
 
     Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
-    valid structures (novelty against a reference: `reference.summarize_novelty`). `uniqueness=False` leaves
-    out the pairwise matching (for summaries rewritten while a run goes on; `num_proc` and `ray` say where it runs,
-    `matching.unique_mask`). Each valid record gets its flag
-    `unique` for per-structure use (S.U.N.).
+    valid structures (novelty against a reference: `reference.summarize_novelty`), matched where `num_proc` and
+    `ray` say (`matching.unique_mask`); `uniqueness=False` leaves out the pairwise matching (for summaries
+    rewritten while a run goes on). Each valid record gets its flag `unique` for per-structure use (S.U.N.).
     """
     scored = [r for r in records if not r.error]
     valid = [r for r in scored if r.valid]
