@@ -7,10 +7,13 @@ except the test splits, serialized, deduplicated and passed through the leakage 
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
+import multiprocessing
 import os
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,9 @@ SOURCES: dict[str, Source] = {source.name: source for source in [
     *(Source(f"carbon_24/{split}", f"carbon_24/{split}.csv", "material_id", ("energy_per_atom",))
       for split in ("val", "test")),
     Source("wbm/val", "wbm/val.csv.gz", None, ("formation_energy_per_atom", "band_gap")),
+    # The Materials Project 2025.02 (no property columns): at most 20 atoms, and 21-52 atoms.
+    Source("mp_2025/le20", "mp_2025/le20.csv.gz", "material_id", ()),
+    Source("mp_2025/le52", "mp_2025/le52.csv.gz", "material_id", ()),
     *(Source(f"aflow/{prop}/{split}", f"aflow/{prop}/{split}.csv.gz", None, (prop,))
       for prop in _AFLOW for split in ("train", "val", "test")),
 ]}
@@ -86,6 +92,8 @@ TEST_SOURCES: tuple[str, ...] = (
     *(f"aflow/{prop}/test" for prop in _AFLOW),
 )
 CORPUS_SOURCES: tuple[str, ...] = tuple(name for name in SOURCES if name not in TEST_SOURCES)
+# Ids no training set may hold (the MP-40 test split), beside the test splits' own ids.
+HOLDOUT_IDS = "mp_2025/holdout-ids.txt"
 
 
 def data_dir() -> Path:
@@ -260,19 +268,17 @@ class Leak:
     reason: str
 
 
-def find_leaks(candidates: Iterable[tuple[str, str, str]], tests: Iterable[tuple[str, str, str]],
-               matcher: StructureMatcher | None = None) -> list[Leak]:
-    """Candidates (id, source, text) that are in a test set (id, source, text).
+def holdout_ids() -> frozenset[str]:
+    """The material ids of `HOLDOUT_IDS` (one a line), which no training set may hold.
 
-    A candidate leaks if its material id is a test id, or if it has a test structure's reduced
-    formula and space group and pymatgen's StructureMatcher (default tolerances) matches the two.
+    >>> "mp-1172828" in holdout_ids(), len(holdout_ids())
+    (True, 708)
     """
-    matcher = matcher or StructureMatcher()
-    test_ids = {}
-    by_key: dict[LeakageKey, list[tuple[str, str]]] = defaultdict(list)
-    for test_id, test_source, text in tests:
-        test_ids[test_id] = test_source
-        by_key[leakage_key(text)].append((f"{test_source} {test_id}", text))
+    return frozenset((data_dir() / HOLDOUT_IDS).read_text().split())
+
+
+def _structure_leaks(candidates: list[tuple[str, str, str]], by_key: dict[LeakageKey, list[tuple[str, str]]],
+                     matcher: StructureMatcher) -> list[Leak]:
     parsed: dict[str, object] = {}
 
     def structure(text: str):
@@ -282,14 +288,42 @@ def find_leaks(candidates: Iterable[tuple[str, str, str]], tests: Iterable[tuple
 
     leaks = []
     for candidate_id, source, text in candidates:
-        if candidate_id in test_ids:
-            leaks.append(Leak(candidate_id, source, f"material id is in {test_ids[candidate_id]}"))
-            continue
         for test_name, test_text in by_key.get(leakage_key(text), ()):
             if test_text == text or matcher.fit(structure(text), structure(test_text)):
                 leaks.append(Leak(candidate_id, source, f"StructureMatcher match with {test_name}"))
                 break
     return leaks
+
+
+def find_leaks(candidates: Iterable[tuple[str, str, str]], tests: Iterable[tuple[str, str, str]],
+               matcher: StructureMatcher | None = None, excluded_ids: dict[str, str] | None = None,
+               num_proc: int | None = None) -> list[Leak]:
+    """Candidates (id, source, text) that are in a test set (id, source, text), in input order.
+
+    A candidate leaks if its material id is a test id (or a key of `excluded_ids`, whose value says where it
+    is listed), or if it has a test structure's reduced formula and space group and pymatgen's StructureMatcher
+    (default tolerances) matches the two. `num_proc` worker processes share the structure check.
+    """
+    matcher = matcher or StructureMatcher()
+    excluded = dict(excluded_ids or {})
+    by_key: dict[LeakageKey, list[tuple[str, str]]] = defaultdict(list)
+    for test_id, test_source, text in tests:
+        excluded[test_id] = test_source
+        by_key[leakage_key(text)].append((f"{test_source} {test_id}", text))
+    candidates = list(candidates)
+    by_id = {(row[0], row[1]): Leak(row[0], row[1], f"material id is in {excluded[row[0]]}")
+             for row in candidates if row[0] in excluded}
+    rest = [row for row in candidates if (row[0], row[1]) not in by_id]
+    workers = max(1, num_proc or 1)
+    chunks = [rest[start::workers * 8] for start in range(workers * 8)] if workers > 1 else [rest]
+    check = functools.partial(_structure_leaks, by_key=dict(by_key), matcher=matcher)
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            found = [leak for leaks in pool.map(check, chunks) for leak in leaks]
+    else:
+        found = check(chunks[0])
+    leaked = {**by_id, **{(leak.id, leak.source): leak for leak in found}}
+    return [leaked[(row[0], row[1])] for row in candidates if (row[0], row[1]) in leaked]
 
 
 def deduplicate(rows: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -321,12 +355,13 @@ def tokenize_texts(dataset: datasets.Dataset, tokenizer, max_length: int | None 
 
 @dataclass
 class CorpusBuild:
-    """The pretraining corpus and what building it removed."""
+    """The pretraining corpus and what building it removed, in the order it was removed."""
 
     corpus: list[tuple[str, str, str]]  # (id, source, text)
     tests: list[tuple[str, str, str]]  # every test split, serialized
-    leaks: list[Leak]
-    duplicates: int
+    candidates: Counter  # rows serialized, by source
+    leaks: list[Leak]  # by id (a test split's or HOLDOUT_IDS'), then by structure
+    duplicates: Counter  # rows dropped as a repeat of an earlier row's id or text, by source
     failures: list[dict]  # rows that could not be serialized: id, source, error
 
 
@@ -341,19 +376,26 @@ def _serialized_rows(name: str, num_proc: int | None, failures: list[dict]) -> l
     return rows
 
 
-def build_pretraining_corpus(num_proc: int | None = None) -> CorpusBuild:
-    """DESIGN.md section 3: every source but the test splits, serialized, deduplicated, leakage-guarded.
+def build_pretraining_corpus(num_proc: int | None = None,
+                             sources: tuple[str, ...] = CORPUS_SOURCES) -> CorpusBuild:
+    """The corpus of `sources` (docs/format-and-tokenizer.md, "The corpus"): serialized; rows whose id is in a
+    test split or in `HOLDOUT_IDS` dropped, then every row a StructureMatcher finds in a test set, then repeats
+    of an earlier row's id or text (the sources' order decides which row stays).
 
-    Takes about 10 minutes on 2 cores; `train/prepare_corpus.py` writes the result to files.
+    About 15 minutes on 2 cores for every source; `train/prepare_corpus.py` writes the result to files.
     """
+    if leaked := set(sources) & set(TEST_SOURCES):
+        raise ValueError(f"test splits cannot be corpus sources: {', '.join(sorted(leaked))}")
     failures: list[dict] = []
     tests = [row for name in TEST_SOURCES for row in _serialized_rows(name, num_proc, failures)]
-    candidates = [row for name in CORPUS_SOURCES for row in _serialized_rows(name, num_proc, failures)]
-    unique = deduplicate(candidates)
-    leaks = find_leaks(unique, tests)
+    candidates = [row for name in sources for row in _serialized_rows(name, num_proc, failures)]
+    leaks = find_leaks(candidates, tests, excluded_ids=dict.fromkeys(holdout_ids(), HOLDOUT_IDS),
+                       num_proc=num_proc)
     leaked = {(leak.id, leak.source) for leak in leaks}
-    corpus = [row for row in unique if (row[0], row[1]) not in leaked]
-    return CorpusBuild(corpus, tests, leaks, len(candidates) - len(unique), failures)
+    clean = [row for row in candidates if (row[0], row[1]) not in leaked]
+    corpus = deduplicate(clean)
+    duplicates = Counter(source for _, source, _ in clean) - Counter(source for _, source, _ in corpus)
+    return CorpusBuild(corpus, tests, Counter(source for _, source, _ in candidates), leaks, duplicates, failures)
 
 
 def load_texts(path: str | Path, max_rows: int | None = None) -> datasets.Dataset:
@@ -366,6 +408,22 @@ def load_texts(path: str | Path, max_rows: int | None = None) -> datasets.Datase
     """
     texts = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
     return texts.select(range(min(len(texts), int(max_rows)))) if max_rows else texts
+
+
+def sample_texts(path: str | Path, source: str, rows: int, seed: int = 0) -> list[str]:
+    """A seeded sample of `rows` texts of one source in a texts file (all of them where it has fewer), in file
+    order.
+
+    >>> texts = sample_texts("data/test-sets.csv.gz", "mp_20_biternary/test", 2000)
+    >>> len(texts), texts == sample_texts("data/test-sets.csv.gz", "mp_20_biternary/test", 2000)
+    (2000, True)
+    """
+    table = load_texts(path)
+    texts = [text for text, name in zip(table["text"], table["source"]) if name == source]
+    if not texts:
+        raise ValueError(f"{path} holds no texts of {source!r}")
+    keep = sorted(np.random.default_rng(seed).permutation(len(texts))[:rows])
+    return [texts[index] for index in keep]
 
 
 def labelled_texts(texts_path: str | Path, property_name: str, sources: tuple[str, ...] | None = None,

@@ -1,40 +1,65 @@
-"""Stage: build the pretraining corpus and the serialized test sets (DESIGN.md section 3).
+"""Stage: build the pretraining corpus and the serialized test sets (docs/format-and-tokenizer.md, "The corpus").
 
     python train/prepare_corpus.py configs/corpus.yaml
 
 Writes `<output_dir>/pretraining-corpus.csv.gz`, `<output_dir>/test-sets.csv.gz` (id, source, text) and
-`<output_dir>/corpus-report.json` (counts, serialization failures, every leak removed and why).
+`<output_dir>/corpus-report.json`: rows serialized, dropped by id, by structure leak and as duplicates, kept, each
+by source; tokens per structure by source; serialization failures; every leak removed and why.
 """
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from crystallm import data
 from crystallm.io import text_format
 from crystallm.stage_config import read_stage_config
+from crystallm.tokenization import CrystaLLMTokenizer
+
+
+def token_counts(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, float]]:
+    """Tokens per structure (with <bos> and <eos>) by source: mean, 95th percentile, maximum."""
+    tokenizer = CrystaLLMTokenizer.from_format()
+    by_source = defaultdict(list)
+    for _, source, text in rows:
+        by_source[source].append(text)
+    counts = {}
+    for source, texts in by_source.items():
+        lengths = np.array([len(ids) + 1 for ids in tokenizer(texts)["input_ids"]])
+        counts[source] = {"mean": round(float(lengths.mean()), 1), "p95": float(np.percentile(lengths, 95)),
+                          "max": int(lengths.max())}
+    return counts
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
-    build = data.build_pretraining_corpus(num_proc=config.get("num_proc"))
+    sources = tuple(config.get("sources", data.CORPUS_SOURCES))
+    build = data.build_pretraining_corpus(num_proc=config.get("num_proc"), sources=sources)
     columns = ["id", "source", "text"]
     pd.DataFrame(build.corpus, columns=columns).to_csv(out / "pretraining-corpus.csv.gz", index=False)
     pd.DataFrame(build.tests, columns=columns).to_csv(out / "test-sets.csv.gz", index=False)
+    by_id = Counter(leak.source for leak in build.leaks if leak.reason.startswith("material id"))
+    by_structure = Counter(leak.source for leak in build.leaks if not leak.reason.startswith("material id"))
+    kept = Counter(source for _, source, _ in build.corpus)
     report = {
         "format_version": text_format.FORMAT_VERSION,
-        "corpus_sources": list(data.CORPUS_SOURCES),
+        "corpus_sources": list(sources),
         "test_sources": list(data.TEST_SOURCES),
         "corpus_size": len(build.corpus),
-        "corpus_by_source": dict(Counter(source for _, source, _ in build.corpus)),
+        "rows_by_source": {source: {"serialized": build.candidates[source], "dropped_by_id": by_id[source],
+                                    "dropped_by_structure_leak": by_structure[source],
+                                    "dropped_as_duplicate": build.duplicates[source], "kept": kept[source]}
+                           for source in sources},
+        "dropped_by_id": sum(by_id.values()),
+        "dropped_by_structure_leak": sum(by_structure.values()),
+        "dropped_as_duplicate": sum(build.duplicates.values()),
         "test_rows": len(build.tests),
-        "duplicates_removed": build.duplicates,
-        "leaks_removed": len(build.leaks),
-        "leaks_by_source": dict(Counter(leak.source for leak in build.leaks)),
+        "tokens_per_structure": token_counts(build.corpus),
         "serialization_failures": build.failures,
         "leaks": [asdict(leak) for leak in build.leaks],
     }
