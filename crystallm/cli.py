@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -181,11 +182,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.evaluation import reports
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
-    from crystallm.generation.sampling import DEFAULT_MAX_ATOMS, load_generator
+    from crystallm.generation.sampling import load_generator
+    from crystallm.generation.settings import DEFAULT_MAX_ATOMS, SamplingSettings
     from crystallm.model_folder import loaded_from
     from crystallm.modeling import native_bf16
 
-    args.max_atoms = args.max_atoms or DEFAULT_MAX_ATOMS
+    sampling = SamplingSettings(seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, max_atoms=args.max_atoms or DEFAULT_MAX_ATOMS,
+                                guidance=args.guidance, min_distance=args.min_distance,
+                                charge_neutral=args.charge_neutral, refine=args.refine, symmetrize=args.symmetrize,
+                                bf16=not args.fp32 and native_bf16())  # every sampling option is checked here
     if (args.adapter is None) != (args.target is None):
         raise CrystaLLMInputError("--adapter and --target go together: the adapter of a property and its target "
                                   "value, e.g. --adapter band_gap --target 2.0")
@@ -214,19 +220,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif pattern:
         print(f"the model in {loaded_from(model)} has no {PATTERN_ADAPTER} adapter: generating from the prompt "
               f"alone; the pattern fits each structure's cell and ranks them")
-    prompt.grammar(tokenizer, args.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
-    sampling = {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "max_atoms": args.max_atoms, "bf16": not args.fp32 and native_bf16(), "refine": args.refine,
-                "symmetrize": args.symmetrize, "guidance": args.guidance, "min_distance": args.min_distance,
-                "charge_neutral": args.charge_neutral}
-    settings = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
-                "num": args.num,
-                "batch_size": args.batch_size, **sampling, "format_version": text_format.FORMAT_VERSION}
+    prompt.grammar(tokenizer, sampling.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
+    run = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
+           "num": args.num}
     if shard != (0, 1):  # each shard is a folder of its own, with its own journal and resume
-        folder = GenerationFolder(shard_directory(args.out, shard), settings | {"shard": f"{shard[0]}/{shard[1]}"},
-                                  resume=args.resume)
-        generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
-                      progress=not args.quiet, shard=shard, **sampling)
+        folder = GenerationFolder(shard_directory(args.out, shard), sampling,
+                                  run | {"shard": f"{shard[0]}/{shard[1]}"}, resume=args.resume)
+        generate_into(folder, model, tokenizer, prompt, num=args.num, progress=not args.quiet, shard=shard)
         if launched is None:
             print(f"wrote shard {shard[0]} of {shard[1]} ({folder.finished} structures) to {folder.directory}/; "
                   f"when every shard is done: crystallm merge {args.out}")
@@ -237,9 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         folder = merge_shards(args.out)
         summary = folder.finish()
     else:
-        folder = GenerationFolder(args.out, settings, resume=args.resume)
-        summary = generate_into(folder, model, tokenizer, prompt, num=args.num, batch_size=args.batch_size,
-                                progress=not args.quiet, **sampling)
+        folder = GenerationFolder(args.out, sampling, run, resume=args.resume)
+        summary = generate_into(folder, model, tokenizer, prompt, num=args.num, progress=not args.quiet)
     print(reports.markdown_table(summary))
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
@@ -321,12 +320,14 @@ def cmd_design(args: argparse.Namespace) -> int:
     from crystallm.design import plan_design, run_design
     from crystallm.evaluation.relaxation import RelaxationSettings
     from crystallm.generation.sampling import load_generator
+    from crystallm.generation.settings import SamplingSettings
     from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
 
     folder = resolve_model_folder(args.model or DEFAULT_MODEL)
+    sampling = SamplingSettings(seed=args.seed, batch_size=args.batch_size, guidance=args.guidance)
     plan = plan_design(folder, args.target, args.elements or args.chemical_system, num=args.num, top=args.top,
-                       guidance=args.guidance, e_hull_max=args.e_hull_max, seed=args.seed,
-                       batch_size=args.batch_size, relaxation=RelaxationSettings(steps=args.relax_steps))
+                       e_hull_max=args.e_hull_max, sampling=sampling,
+                       relaxation=RelaxationSettings(steps=args.relax_steps))
     model, tokenizer = load_generator(folder, args.device)  # every input is checked before this
     funnel = run_design(model, tokenizer, plan, args.out, progress=not args.quiet)
     print(" -> ".join(f"{stage} {count}" for stage, count in funnel.items()))
@@ -384,7 +385,7 @@ def _number(kind: type, low: float, low_open: bool = False, high: float | None =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text}: expected {what}")
         return value
     return parse
@@ -393,9 +394,6 @@ def _number(kind: type, low: float, low_open: bool = False, high: float | None =
 POSITIVE = _number(int, 1, what="a whole number of at least 1")
 COUNT = _number(int, 0, what="a whole number of 0 or more")
 POSITIVE_FLOAT = _number(float, 0, low_open=True, what="a number above 0")
-NON_NEGATIVE_FLOAT = _number(float, 0, what="a number of 0 or more")
-PROBABILITY = _number(float, 0, low_open=True, high=1, what="a probability in (0, 1]")
-GUIDANCE = _number(float, 1, what="a scale of 1 (none) or more")
 SYMPREC = _number(float, 0, low_open=True, what="a tolerance above 0 (Å)")
 
 
@@ -484,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model (band_gap, formation_energy_per_atom) or an adapter folder; needs --target")
     generate.add_argument("--target", type=float, help="the property value to aim for, in the property's unit "
                           "(eV for band_gap, eV/atom for formation_energy_per_atom)")
-    generate.add_argument("--guidance", type=GUIDANCE, default=1.0, help="classifier-free guidance scale with "
+    generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale with "
                           "--adapter (default 1: none; 2 pushes harder towards the target, twice the compute)")
     generate.add_argument("--xrd", metavar="PATTERN", help="condition on a powder pattern (Cu Ka, 2-theta in "
                           "degrees): a two-column .xy/.xye/.csv export, or a CIF whose pattern is computed; in the "
@@ -500,10 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
     generate.add_argument("--batch-size", type=POSITIVE, default=64)
     generate.add_argument("--seed", type=COUNT, default=0)
-    generate.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0,
+    generate.add_argument("--temperature", type=float, default=1.0,
                           help="sampling temperature (default 1; 0 is greedy decoding)")
     generate.add_argument("--top-k", type=POSITIVE, default=None)
-    generate.add_argument("--top-p", type=PROBABILITY, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--max-atoms", type=POSITIVE, help="atoms in the conventional cell, at most (default 160)")
     generate.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                           help="move atoms and cell toward equilibrium with the model's geometry refinement head "
@@ -512,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "finds (symprec 0.1)")
     generate.add_argument("--resume", action="store_true", help="continue the run in --out")
     generate.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    generate.add_argument("--min-distance", type=NON_NEGATIVE_FLOAT, default=0.5, help="no two atoms closer than "
+    generate.add_argument("--min-distance", type=float, default=0.5, help="no two atoms closer than "
                           "this, in Å, enforced while decoding (default 0.5: structural validity; 0: off)")
     generate.add_argument("--charge-neutral", action="store_true", help="only formulas that pass SMACT's "
                           "charge-neutrality test (unconditional and --chemical-system prompts)")
@@ -536,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--chemical-system", help="the same as a system, e.g. Li-Fe-P-O")
     design.add_argument("--num", type=POSITIVE, default=2000, help="candidates to generate (split between targets)")
     design.add_argument("--top", type=POSITIVE, default=50, help="length of the shortlist")
-    design.add_argument("--guidance", type=GUIDANCE, default=2.0, help="classifier-free guidance scale")
+    design.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     design.add_argument("--e-hull-max", type=POSITIVE_FLOAT, default=0.1, help="E_hull threshold, eV/atom")
     design.add_argument("--relax-steps", type=POSITIVE, default=100, help="CHGNet FIRE steps at most per structure")
     design.add_argument("--model", help="model folder or Hub id (default: the shipped model)")

@@ -34,6 +34,7 @@ from crystallm.evaluation.validity import compositional_validity
 from crystallm.generation.conditioning import check_target
 from crystallm.generation.prompt import Prompt, parse_chemical_system
 from crystallm.generation.run_folder import GenerationFolder, generate_into
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import cif
 from crystallm.model_folder import TRAINING_CORPUS, loaded_from
 from crystallm.properties.surrogates import load_surrogate
@@ -80,10 +81,8 @@ class DesignPlan:
     elements: tuple[str, ...] = ()
     num: int = 2000
     top: int = 50
-    guidance: float = 2.0
     e_hull_max: float = 0.1
-    seed: int = 0
-    batch_size: int = 32
+    sampling: SamplingSettings = SamplingSettings(batch_size=32, guidance=2.0)  # each target's generation
     relaxation: RelaxationSettings = field(default_factory=RelaxationSettings)
 
 
@@ -162,11 +161,10 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
         model = use_adapter(model, target.property_name)
         prompt = Prompt.of(chemical_system="-".join(plan.elements) if plan.elements else None,
                            property_name=target.property_name, target=target.value)
-        settings = {"prompt": prompt.describe(), "guidance": plan.guidance, "seed": plan.seed,
-                    "batch_size": plan.batch_size, "num": per_target}
-        folder = GenerationFolder(out / "generated" / target.property_name, settings, resume=True)
-        generate_into(folder, model, tokenizer, prompt, num=per_target, batch_size=plan.batch_size,
-                      seed=plan.seed, guidance=plan.guidance, progress=progress)
+        folder = GenerationFolder(out / "generated" / target.property_name, plan.sampling,
+                                  {"adapter": target.property_name, "prompt": prompt.describe(), "num": per_target},
+                                  resume=True)
+        generate_into(folder, model, tokenizer, prompt, num=per_target, progress=progress)
         entries += [e | {"name": f"{target.property_name}-{e['name']}"} for e in folder.entries]
         records += folder.records
     funnel = {"generated": len(entries)}
@@ -215,7 +213,7 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
         (out / row["cif"]).write_text(cif.structure_to_cif(relaxed_structure))
     reports.write_csv([{"rank": r.pop("rank"), **r} for r in shortlist], out / "shortlist.csv")
     funnel_report = {"funnel": funnel, "targets": [vars(t) for t in plan.targets], "elements": plan.elements,
-                     "guidance": plan.guidance, "e_hull_max": plan.e_hull_max, "score": __doc__.split("\n\n")[2]}
+                     "guidance": plan.sampling.guidance, "e_hull_max": plan.e_hull_max, "score": __doc__.split("\n\n")[2]}
     reports.write_json(funnel_report, out / "funnel.json")
     _write_report(out, funnel_report, rows, shortlist, plan)
     return funnel
@@ -247,7 +245,7 @@ def _write_report(out: Path, funnel_report: dict, rows: list[dict], shortlist: l
     plt.close(figure)
     wanted = ", ".join(f"{t.property_name} = {t.value} ± {t.tolerance}" for t in plan.targets)
     lines = ["# crystallm design", "", f"Targets: {wanted}"
-             f"; elements: {'-'.join(plan.elements) or 'any'}; guidance {plan.guidance}; E_hull < {plan.e_hull_max} "
+             f"; elements: {'-'.join(plan.elements) or 'any'}; guidance {plan.sampling.guidance}; E_hull < {plan.e_hull_max} "
              f"eV/atom.", "", "| stage | candidates |", "|---|---|"]
     lines += [f"| {stage} | {count} |" for stage, count in funnel.items()]
     lines += ["", "![funnel](funnel.png) ![property vs E_hull](property_vs_e_hull.png)", "",

@@ -29,6 +29,7 @@ from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
 from crystallm.generation.sampling import load_generator
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io.cif import structure_from_cif, write_cif_zip
 from crystallm.stage_config import read_stage_config
 
@@ -50,14 +51,14 @@ def main() -> None:
     model, tokenizer = load_generator(config.get("model"))
     if in_prompt:
         model = use_adapter(model, PATTERN_ADAPTER)
-    sampling = {"seed": config.get("seed", 0), "batch_size": config.get("batch_size", 32),
-                "temperature": config.get("temperature", 1.0), "top_k": config.get("top_k"),
-                "refine": config.get("refine", False), "min_distance": config.get("min_distance", 0.5)}
-    settings = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
-                "attempts": attempts, **({"pattern": pattern} if in_prompt else {}), **sampling,
-                "num": len(prompts)}  # `num` may grow: the folder resumes
-    folder = GenerationFolder(out / "generated", settings, resume=True)
-    generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names, **sampling)
+    sampling = SamplingSettings(seed=config.get("seed", 0), batch_size=config.get("batch_size", 32),
+                                temperature=config.get("temperature", 1.0), top_k=config.get("top_k"),
+                                refine=config.get("refine", False), min_distance=config.get("min_distance", 0.5))
+    run = {"model": config.get("model") or "default", "targets": config["targets"], "ids": config["ids"],
+           "attempts": attempts, **({"pattern": pattern} if in_prompt else {}),
+           "num": len(prompts)}  # `num` may grow: the folder resumes
+    folder = GenerationFolder(out / "generated", sampling, run, resume=True)
+    generation = generate_into(folder, model, tokenizer, prompts, num=len(prompts), names=names)
     wanted = set(names)  # a folder made for more ids holds more attempts than asked for now
     attempted = [(name, s) for name, s in folder.valid_structures() if name in wanted]
     scored, suffix, before_fit = out / "generated", "", None

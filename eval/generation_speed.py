@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from crystallm.generation.sampling import load_generator, measure_speed
+from crystallm.generation.settings import SamplingSettings
 from crystallm.modeling import native_bf16
 from crystallm.stage_config import read_stage_config
 
@@ -25,8 +26,8 @@ def main() -> None:
     # Each arm is a set of sampling settings (e.g. the grammar off, or another distance floor).
     for arm in config.get("arms", [{}]):
         for batch_size, num in config["batches"].items():
-            result = measure_speed(model, tokenizer, int(batch_size), int(num), config.get("repeats", 3), bf16=bf16,
-                                   **arm)
+            settings = SamplingSettings(batch_size=int(batch_size), bf16=bf16, **arm)
+            result = measure_speed(model, tokenizer, int(num), settings, config.get("repeats", 3))
             summary["results"].append({"arm": arm, **result})
             print(json.dumps({"arm": arm, **{k: v for k, v in result.items() if k != "runs"}}), flush=True)
     (Path(config["output_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -17,6 +17,7 @@ import numpy as np
 from crystallm.evaluation import reports
 from crystallm.stage_config import read_stage_config
 from crystallm.training.pretrain import pretrain
+from crystallm.training.settings import PretrainingSettings
 
 
 def main() -> None:
@@ -28,7 +29,8 @@ def main() -> None:
             settings = {**config["pretrain"], "output_dir": scratch, "max_steps": steps, "save_every": steps,
                         "eval_every": steps + 1, "auxiliary_every": arm.get("auxiliary_every", 1),
                         "model": {**config["pretrain"]["model"], **arm["model"]}}
-            log = [json.loads(line) for line in (pretrain(settings) / "log.jsonl").read_text().splitlines()]
+            out = pretrain(PretrainingSettings.from_dict(settings))
+            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         timed = [row for row in log if "train_seconds" in row and row["step"] > warmup]
         seconds = np.diff([row["train_seconds"] for row in timed])
         tokens = np.diff([row["tokens_seen"] for row in timed])

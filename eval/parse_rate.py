@@ -16,6 +16,7 @@ import torch
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.evaluation.validity import structural_validity
 from crystallm.generation.sampling import generate_structures
+from crystallm.generation.settings import SamplingSettings
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -31,12 +32,12 @@ def main() -> None:
         model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), **config["untrained_model"]))
     summary = {"model": config.get("model") or f"untrained {config['untrained_model']}", "samples": config["samples"],
                "max_atoms": config["max_atoms"]}
-    arms = {"grammar_and_floor": {}, "grammar": {"min_distance": None}, "no_grammar": {"grammar": False}}
+    arms = {"grammar_and_floor": {}, "grammar": {"min_distance": 0.0}, "no_grammar": {"grammar": False}}
     for name, arm in arms.items():
         start = time.perf_counter()
-        samples = list(generate_structures(model, tokenizer, num=config["samples"], max_atoms=config["max_atoms"],
-                                           batch_size=config["batch_size"], seed=config.get("seed", 0), bf16=False,
-                                           **arm))
+        settings = SamplingSettings(max_atoms=config["max_atoms"], batch_size=config["batch_size"],
+                                    seed=config.get("seed", 0), bf16=False, **arm)
+        samples = list(generate_structures(model, tokenizer, num=config["samples"], settings=settings))
         seconds = time.perf_counter() - start
         failures = [sample.error for sample in samples if sample.error]
         valid = [s for s in samples if s.structure is not None and structural_validity(s.structure)]

@@ -5,6 +5,7 @@ import torch
 from crystallm import data, symmetry
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
+from crystallm.generation.settings import SamplingSettings
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.refinement import (
     CrystalGeometry,
@@ -92,16 +93,17 @@ def test_the_head_is_saved_and_loaded_with_the_model(model_with_head, tmp_path):
 
 
 def test_generate_refines_when_the_model_has_a_head_and_can_symmetrize(model_with_head, tokenizer):
-    kwargs = dict(num=4, batch_size=4, seed=2, max_atoms=24)
-    plain = list(generate_structures(model_with_head, tokenizer, Prompt.of(formula="SrTiO3"), refine=False, **kwargs))
-    refined = list(generate_structures(model_with_head, tokenizer, Prompt.of(formula="SrTiO3"), **kwargs))
+    settings = SamplingSettings(batch_size=4, seed=2, max_atoms=24)
+    prompt = Prompt.of(formula="SrTiO3")
+    plain = list(generate_structures(model_with_head, tokenizer, prompt, 4, settings.replace(refine=False)))
+    refined = list(generate_structures(model_with_head, tokenizer, prompt, 4, settings))
     assert [s.text for s in plain] == [s.text for s in refined]  # the same LM samples
     assert all(s.final_text == "" for s in plain) and all(s.final_text for s in refined)
     for sample in refined:
         assert sample.structure.composition.reduced_formula == "SrTiO3"
         assert text_format.parse_structure(sample.final_text).composition.reduced_formula == "SrTiO3"
-    snapped = list(generate_structures(model_with_head, tokenizer, Prompt.of(formula="SrTiO3"), refine=False,
-                                       symmetrize=True, **kwargs))
+    snapped = list(generate_structures(model_with_head, tokenizer, prompt, 4,
+                                       settings.replace(refine=False, symmetrize=True)))
     assert all(s.structure.composition.reduced_formula == "SrTiO3" for s in snapped)
 
 
@@ -109,15 +111,15 @@ def test_a_head_switched_off_by_default_refines_only_when_asked(tokenizer):
     config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
                              refiner={"width": 16, "layers": 1, "on_by_default": False})
     model = CrystaLLMForCausalLM(config).eval()
-    kwargs = dict(num=2, batch_size=2, seed=0, max_atoms=12)
-    assert all(s.final_text == "" for s in generate_structures(model, tokenizer, **kwargs))
-    assert all(s.final_text for s in generate_structures(model, tokenizer, refine=True, **kwargs))
+    settings = SamplingSettings(batch_size=2, seed=0, max_atoms=12)
+    assert all(s.final_text == "" for s in generate_structures(model, tokenizer, num=2, settings=settings))
+    assert all(s.final_text for s in generate_structures(model, tokenizer, num=2, settings=settings.replace(refine=True)))
 
 
 def test_refine_needs_a_head(tokenizer):
     model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(CrystaLLMInputError, match="no refinement head"):
-        next(generate_structures(model, tokenizer, num=1, refine=True))
+        next(generate_structures(model, tokenizer, num=1, settings=SamplingSettings(refine=True)))
 
 
 def test_train_refiner_saves_the_best_head_and_logs_held_out_denoising(tmp_path, tokenizer):

@@ -13,6 +13,7 @@ from pymatgen.core import Composition, Structure
 from crystallm import cli
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError, CrystaLLMInputError
+from crystallm.generation.settings import SamplingSettings
 from crystallm.generation import run_folder
 from crystallm.generation.prompt import Prompt, reduced_formula
 from crystallm.generation.run_folder import GenerationFolder
@@ -60,7 +61,7 @@ def test_every_sample_parses_fits_the_context_and_obeys_its_prompt(tiny):
     prompts = [Prompt(), Prompt.of(formula="LiFePO4"), Prompt.of(space_group="P6_3/mmc"),
                Prompt.of(chemical_system="Ba-Ti-O"), Prompt.of(formula="SrTiO3", space_group="Pm-3m"),
                Prompt.of(space_group="P-1")] * 3  # P-1: the grammar keeps triclinic angles a real cell
-    samples = list(generate_structures(model, tokenizer, prompts, batch_size=6, seed=3, max_atoms=40))
+    samples = list(generate_structures(model, tokenizer, prompts, settings=SamplingSettings(batch_size=6, seed=3, max_atoms=40)))
     assert [s.index for s in samples] == list(range(18))
     for sample in samples:
         assert sample.error == "" and sample.structure is not None, sample.text
@@ -82,16 +83,15 @@ def test_a_short_context_bounds_the_rows_and_every_text_still_parses(tokenizer=N
     torch.manual_seed(1)
     model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
                                                  n_positions=96)).eval()
-    samples = list(generate_structures(model, tokenizer, num=12, batch_size=12, seed=0, max_atoms=160))
+    samples = list(generate_structures(model, tokenizer, num=12, settings=SamplingSettings(batch_size=12, seed=0, max_atoms=160)))
     assert all(s.structure is not None for s in samples)
     assert max(len(tokenizer(s.text)["input_ids"]) for s in samples) < 96
 
 
 def test_samples_are_reproducible_and_a_resumed_run_continues_them(tiny):
     model, tokenizer = tiny
-    full = [s.text for s in generate_structures(model, tokenizer, num=6, batch_size=2, seed=5, max_atoms=24)]
-    resumed = [s.text for s in generate_structures(model, tokenizer, num=6, batch_size=2, seed=5, max_atoms=24,
-                                                   start=4)]
+    full = [s.text for s in generate_structures(model, tokenizer, num=6, settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
+    resumed = [s.text for s in generate_structures(model, tokenizer, num=6, start=4, settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
     assert resumed == full[4:]
     assert len(set(full)) > 1
 
@@ -162,18 +162,20 @@ def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
     import copy
 
     model, tokenizer = tiny
-    run = {"progress": False, "batch_size": 2}
-    run_folder.generate_into(GenerationFolder(tmp_path, {"num": 2}), model, tokenizer, None, num=2, **run)
+    sampling = SamplingSettings(batch_size=2)
+
+    def folder(num: int, resume: bool = True) -> GenerationFolder:
+        return GenerationFolder(tmp_path, sampling, {"num": num}, resume=resume)
+
+    run_folder.generate_into(folder(2, resume=False), model, tokenizer, None, num=2, progress=False)
     retrained = copy.deepcopy(model)  # the same settings ("default") after the default was retrained
     with torch.no_grad():
         next(retrained.parameters()).add_(0.01)
-    GenerationFolder(tmp_path, {"num": 2}, resume=True)  # opened, nothing generated: the record stays
+    folder(2)  # opened, nothing generated: the record stays
     with pytest.raises(CrystaLLMInputError, match="weights"):
-        run_folder.generate_into(GenerationFolder(tmp_path, {"num": 4}, resume=True), retrained, tokenizer, None,
-                                 num=4, **run)
+        run_folder.generate_into(folder(4), retrained, tokenizer, None, num=4, progress=False)
     # refused before anything was written; the model that wrote them continues the run
-    summary = run_folder.generate_into(GenerationFolder(tmp_path, {"num": 4}, resume=True), model, tokenizer, None,
-                                       num=4, **run)
+    summary = run_folder.generate_into(folder(4), model, tokenizer, None, num=4, progress=False)
     assert summary["entries"] == 4
     assert json.loads((tmp_path / "run.json").read_text())["weights"] == run_folder.weights_fingerprint(model)
     # a folder from before the weights were recorded: no model can be told to have written it
@@ -181,9 +183,8 @@ def test_a_resumed_folder_refuses_samples_of_other_weights(tiny, tmp_path):
     del settings["weights"]
     (tmp_path / "run.json").write_text(json.dumps(settings))
     with pytest.raises(CrystaLLMInputError, match="do not record the weights"):
-        run_folder.generate_into(GenerationFolder(tmp_path, {"num": 6}, resume=True), model, tokenizer, None,
-                                 num=6, **run)
-    assert len(GenerationFolder(tmp_path, {"num": 6}, resume=True).entries) == 4  # nothing lost or added
+        run_folder.generate_into(folder(6), model, tokenizer, None, num=6, progress=False)
+    assert len(folder(6).entries) == 4  # nothing lost or added
 
 
 def test_the_weights_fingerprint_follows_the_active_adapter_only():
@@ -245,13 +246,13 @@ def test_an_unwritable_out_is_one_line_and_a_nonzero_exit(tiny_model_dir, tmp_pa
 
 def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_write(tiny, tmp_path):
     model, tokenizer = tiny
-    samples = list(generate_structures(model, tokenizer, num=4, batch_size=2, seed=0, max_atoms=24))
-    folder = GenerationFolder(tmp_path, {"num": 4})
+    samples = list(generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
+    folder = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4})
     folder.write(samples[:2])
     with open(tmp_path / "samples.jsonl", "a") as journal:
         journal.write('{"index": 2, "na')  # killed mid-line
     (tmp_path / "cifs.zip").write_bytes(b"PK\x03\x04 torn")
-    resumed = GenerationFolder(tmp_path, {"num": 4}, resume=True)
+    resumed = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4}, resume=True)
     assert resumed.finished == 2
     resumed.write(samples[2:])
     with zipfile.ZipFile(tmp_path / "cifs.zip") as archive:
@@ -264,8 +265,8 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
     from crystallm.errors import OutputWriteError
 
     model, tokenizer = tiny
-    samples = list(generate_structures(model, tokenizer, num=4, batch_size=2, seed=0, max_atoms=24))
-    folder = GenerationFolder(tmp_path, {"num": 4})
+    samples = list(generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
+    folder = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4})
     folder.write(samples[:2])
     before = (tmp_path / "cifs.zip").read_bytes()
 
@@ -278,5 +279,5 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
         folder.write(samples[2:])
     assert (tmp_path / "cifs.zip").read_bytes() == before and not (tmp_path / "cifs.zip.partial").exists()
     monkeypatch.undo()
-    resumed = GenerationFolder(tmp_path, {"num": 4}, resume=True)  # the journaled batch comes back
+    resumed = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4}, resume=True)  # the journaled batch comes back
     assert resumed.finished == 4

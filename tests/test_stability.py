@@ -115,7 +115,7 @@ def test_generate_ranks_its_samples_by_chgnet_energy_and_the_cache_keeps_setting
     assert energies == sorted(energies) and all(r["steps"] == 0 for r in cached)
     # Relaxed ranking of the same folder: the energies as generated are not reused as relaxed ones.
     settings = {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k != "weights"}
-    samples = GenerationFolder(out, settings, resume=True).valid_structures()
+    samples = GenerationFolder.from_run_json(out, settings, resume=True).valid_structures()
     relaxed = rank_by_energy(samples, out / "stability.jsonl", RelaxationSettings(steps=2), progress=False)
     assert {r["settings"]["steps"] for r in relaxed} == {2} and len(list(read_json_lines(out / "stability.jsonl"))) == 8
     again = rank_by_energy(samples, out / "stability.jsonl", RelaxationSettings(steps=2), progress=False)

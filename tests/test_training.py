@@ -10,6 +10,7 @@ from crystallm.modeling import native_bf16
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.collator import PretrainingCollator, epoch_batches
 from crystallm.training.pretrain import make_accelerator, pretrain
+from crystallm.training.settings import PretrainingSettings, TrainingSettings
 
 
 def tiny_config(tmp_path, **overrides) -> dict:
@@ -22,6 +23,10 @@ def tiny_config(tmp_path, **overrides) -> dict:
     return config
 
 
+def tiny_settings(tmp_path, **overrides) -> PretrainingSettings:
+    return PretrainingSettings.from_dict(tiny_config(tmp_path, **overrides))
+
+
 def losses_by_step(directory) -> dict[int, float]:
     rows = [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
     return {row["step"]: row["train_loss"] for row in rows}
@@ -29,11 +34,11 @@ def losses_by_step(directory) -> dict[int, float]:
 
 def test_resume_after_a_stop_gives_the_same_losses(tmp_path):
     straight = tmp_path / "straight"
-    pretrain(tiny_config(straight))
+    pretrain(tiny_settings(straight))
     interrupted = tmp_path / "interrupted"
-    pretrain(tiny_config(interrupted, stop_at_step=5))
+    pretrain(tiny_settings(interrupted, stop_at_step=5))
     assert max(losses_by_step(interrupted)) == 5 and not (interrupted / "model.safetensors").exists()
-    pretrain(tiny_config(interrupted))
+    pretrain(tiny_settings(interrupted))
     expected, resumed = losses_by_step(straight), losses_by_step(interrupted)
     assert sorted(resumed) == list(range(1, 9))
     assert np.allclose([resumed[s] for s in range(6, 9)], [expected[s] for s in range(6, 9)], rtol=0, atol=1e-6)
@@ -65,7 +70,7 @@ def test_collator_masks_elements_and_builds_a_view():
 
 
 def test_auxiliary_passes_run_on_a_share_of_the_steps(tmp_path):
-    pretrain(tiny_config(tmp_path, max_steps=4, auxiliary_every=2))
+    pretrain(tiny_settings(tmp_path, max_steps=4, auxiliary_every=2))
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert ["train_masked_atom" in row and "train_contrastive" in row for row in rows] == [True, False, True, False]
 
@@ -82,7 +87,7 @@ def test_epoch_batches_group_lengths_and_are_disjoint_across_processes():
 
 def test_training_falls_back_to_fp32_where_bf16_is_emulated():
     # Emulated bf16 (AVX2-only CPUs) trains about 27x slower than fp32; native bf16 keeps its autocast.
-    accelerator = make_accelerator({"mixed_precision": "bf16"})
+    accelerator = make_accelerator(TrainingSettings(output_dir="unused", mixed_precision="bf16"))
     assert accelerator.mixed_precision == ("bf16" if torch.cuda.is_available() or native_bf16() else "no")
 
 
@@ -100,7 +105,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
         return output
 
     monkeypatch.setattr(CrystaLLMForCausalLM, "forward", poisoned)
-    pretrain(tiny_config(tmp_path, max_steps=5, eval_every=5))
+    pretrain(tiny_settings(tmp_path, max_steps=5, eval_every=5))
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 1, 1]
     assert np.isfinite(rows[-1]["train_loss"]) and np.isfinite(rows[-1]["eval_loss"])
@@ -135,7 +140,7 @@ def test_keep_best_ships_the_lowest_held_out_loss_and_init_from_continues(tmp_pa
     held_out = iter([3.0, 2.0, 2.5, 2.8])
     monkeypatch.setattr(loop, "evaluate_losses", lambda *args: {"eval_loss": next(held_out)})
     first = tmp_path / "first"
-    pretrain(tiny_config(first, keep_best=True, augment_descriptions=True, max_steps=8, eval_every=2,
+    pretrain(tiny_settings(first, keep_best=True, augment_descriptions=True, max_steps=8, eval_every=2,
                          model={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256}))
     state = json.loads((first / "train_state.json").read_text())
     assert (state["step"], state["best_step"], state["best_eval_loss"]) == (8, 4, 2.0)
@@ -144,7 +149,7 @@ def test_keep_best_ships_the_lowest_held_out_loss_and_init_from_continues(tmp_pa
     monkeypatch.undo()
     # Continued from the kept model at a learning rate of 0: its weights, unchanged.
     second = tmp_path / "second"
-    pretrain(tiny_config(second, init_from=str(first), learning_rate=0.0, max_steps=1, eval_every=1,
+    pretrain(tiny_settings(second, init_from=str(first), learning_rate=0.0, max_steps=1, eval_every=1,
                          model={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256}))
     continued = load_file(second / "model.safetensors")
     assert all(torch.equal(continued[name], best[name]) for name in best)
@@ -178,7 +183,7 @@ def test_held_out_losses_count_every_row_even_fewer_than_a_batch():
                                                  n_positions=256))
     collator = PretrainingCollator(tokenizer, max_length=256, masked_atom=False, contrastive=False)
     texts = data.load_texts("data/pretraining-corpus.csv.gz", 5)["text"]
-    accelerator = make_accelerator({"mixed_precision": "no"})
+    accelerator = make_accelerator(TrainingSettings(output_dir="unused", mixed_precision="no"))
     # 5 rows, batches of 8: one short batch (before, no batch at all and no held-out loss)
     alone = evaluate_losses(accelerator, model, collator, texts, 8)["eval_loss"]
     # batches of 2, 2 and 1: each batch's mean weighted by its rows, as the per-batch means say

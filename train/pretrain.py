@@ -8,10 +8,11 @@ Kill it and run the same command again: it resumes from `<output_dir>/checkpoint
 
 from crystallm.stage_config import read_stage_config
 from crystallm.training.pretrain import pretrain
+from crystallm.training.settings import PretrainingSettings
 
 
 def main() -> None:
-    print(f"saved to {pretrain(read_stage_config(__doc__))}")
+    print(f"saved to {pretrain(PretrainingSettings.from_dict(read_stage_config(__doc__)))}")
 
 
 if __name__ == "__main__":

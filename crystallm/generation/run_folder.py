@@ -7,8 +7,8 @@
     summary.csv       one row per sample: formula, stated and detected space group, parse and validity flags
     summary.json      counts and rates (the `crystallm evaluate` summary) plus generation speed; uniqueness
                       (pairwise matching) is added when the run ends
-    run.json          the settings of the run and the fingerprint of the model's weights; `--resume` continues
-                      only a run with the same settings and weights
+    run.json          the run's description, its sampling settings (`SamplingSettings`) and the fingerprint of
+                      the model's weights; `--resume` continues only a run with the same settings and weights
 
 The journal is appended and synced first; the other files are rewritten atomically (a copy is appended to and
 moved into place), so killing the process at any moment leaves every finished structure readable, and a
@@ -33,7 +33,8 @@ from crystallm.evaluation import readers, reports, scoring
 from crystallm.evaluation.scoring import ScoredStructure
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import GeneratedSample, generate_structures
-from crystallm.io import cif
+from crystallm.generation.settings import SamplingSettings
+from crystallm.io import cif, text_format
 
 CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "space_group", "parsed",
                "structural_valid", "compositional_valid", "valid", "p1", "formula_consistent", "tokens", "seconds",
@@ -41,18 +42,21 @@ CSV_COLUMNS = ("name", "prompt", "formula", "n_atoms", "stated_space_group", "sp
 
 
 class GenerationFolder:
-    """Open `directory` for a run with `settings` (a JSON-able dict); with `resume`, continue the run already
-    there (its settings must match, except `num`).
+    """Open `directory` for a run drawn with `sampling`, described by `run` (a JSON-able dict: the model, the
+    prompt, `num`, ...); with `resume`, continue the run already there (its sampling settings and description must
+    match, except `num`).
 
     >>> import tempfile
-    >>> folder = GenerationFolder(tempfile.mkdtemp(), {"seed": 0, "num": 2})
-    >>> folder.finished
-    0
+    >>> folder = GenerationFolder(tempfile.mkdtemp(), SamplingSettings(), {"num": 2})
+    >>> folder.finished, folder.settings["sampling"]["seed"]
+    (0, 0)
     """
 
-    def __init__(self, directory: str | Path, settings: dict, resume: bool = False):
+    def __init__(self, directory: str | Path, sampling: SamplingSettings, run: dict | None = None,
+                 resume: bool = False):
         self.directory = Path(directory)
-        self.settings = settings
+        self.sampling = sampling
+        self.run = {**(run or {}), "format_version": text_format.FORMAT_VERSION}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / ".write-test"
@@ -77,8 +81,19 @@ class GenerationFolder:
             for name in ("cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
                 (self.directory / name).unlink(missing_ok=True)
         # the weights that wrote the samples stay recorded until `check_weights` meets the next model
-        reports.write_json({**settings, **({"weights": self.weights} if self.weights else {})},
+        reports.write_json({**self.settings, **({"weights": self.weights} if self.weights else {})},
                            self.directory / "run.json")
+
+    @classmethod
+    def from_run_json(cls, directory: str | Path, run_json: dict, resume: bool = False) -> GenerationFolder:
+        """The folder of a run described by a `run.json`'s contents (`settings`, without the weights)."""
+        run = {key: value for key, value in run_json.items() if key not in ("sampling", "format_version")}
+        return cls(directory, SamplingSettings.from_dict(run_json.get("sampling", {})), run, resume)
+
+    @property
+    def settings(self) -> dict:
+        """What run.json holds besides the weights: the run's description and its sampling settings."""
+        return {**self.run, "sampling": self.sampling.to_dict()}
 
     @property
     def finished(self) -> int:
@@ -100,12 +115,12 @@ class GenerationFolder:
         reports.write_json({**self.settings, "weights": fingerprint}, self.directory / "run.json")
 
     def _check_settings(self, stored: dict) -> None:
-        differ = [key for key in set(stored) | set(self.settings)
-                  if key != "num" and stored.get(key) != self.settings.get(key)]
+        before, now = _flat(stored), _flat(self.settings)
+        differ = [key for key in set(before) | set(now) if key != "num" and before.get(key) != now.get(key)]
         if differ:
             key = sorted(differ)[0]
             raise CrystaLLMInputError(f"{self.directory}: --resume needs the settings of the run there; {key} was "
-                                      f"{stored.get(key)!r}, now {self.settings.get(key)!r}")
+                                      f"{before.get(key)!r}, now {now.get(key)!r}")
 
     def _rebuild(self) -> None:
         """Read the journal (a last line cut by a kill is dropped) and rewrite every other file from it."""
@@ -166,7 +181,7 @@ class GenerationFolder:
         summary = scoring.summarize(self.records, uniqueness=uniqueness)
         seconds = sum(e["seconds"] for e in self.entries)
         tokens = sum(e["tokens"] for e in self.entries)
-        summary["requested"] = self.settings.get("num")
+        summary["requested"] = self.run.get("num")
         summary["parse_rate"] = summary["scored"] / summary["entries"] if summary["entries"] else None
         summary["generation"] = {"seconds": seconds, "refine_seconds": sum(e.get("refine_seconds", 0.0)
                                                                          for e in self.entries),
@@ -178,6 +193,12 @@ class GenerationFolder:
                                  "below_floor": sum(1 for e in self.entries if e.get("fallbacks"))}
         summary["settings"] = self.settings
         return summary
+
+
+def _flat(settings: dict) -> dict:
+    """A run.json's settings with the sampling settings as `sampling.<name>` keys (so a difference names one)."""
+    return {key: value for key, value in settings.items() if key != "sampling"} | \
+        {f"sampling.{key}": value for key, value in settings.get("sampling", {}).items()}
 
 
 def _csv_row(entry: dict, record: ScoredStructure) -> dict:
@@ -270,7 +291,9 @@ def merge_shards(directory: str | Path) -> GenerationFolder:
                                   f"{missing[0]}); finish every shard (run it again with --resume) and merge again")
     for name in ("samples.jsonl", "cifs.zip", "structures.extxyz", "summary.csv", "summary.json"):
         (directory / name).unlink(missing_ok=True)  # merging again writes the merged run anew
-    merged = GenerationFolder(directory, settings)
+    merged = GenerationFolder.from_run_json(directory, {k: v for k, v in settings.items() if k != "weights"})
+    if settings.get("weights"):
+        merged.check_weights(settings["weights"])
     ordered = sorted(entries, key=lambda e: e["index"])
     reports.write_json_lines(ordered, merged.journal)
     merged._append_outputs(ordered)
@@ -300,30 +323,31 @@ def weights_fingerprint(model) -> str:
 
 
 def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | list[Prompt] | None, num: int,
-                  names: list[str] | None = None, batch_size: int = 64, progress: bool = True,
-                  shard: tuple[int, int] = (0, 1), **sampling) -> dict:
-    """Generate the samples the folder does not hold yet (see `generate_structures` for the arguments), writing
-    each batch as it finishes, with a progress bar in structures/s; returns the complete summary. With `shard`
-    (i, n) the folder holds only shard i's batches (`merge_shards` joins the n folders).
+                  names: list[str] | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Generate the samples the folder does not hold yet, drawn with the folder's sampling settings (see
+    `generate_structures` for the arguments), writing each batch as it finishes, with a progress bar in
+    structures/s; returns the complete summary. With `shard` (i, n) the folder holds only shard i's batches
+    (`merge_shards` joins the n folders).
 
     >>> import tempfile
     >>> from crystallm.generation import load_generator
     >>> model, tokenizer = load_generator()
-    >>> summary = generate_into(GenerationFolder(tempfile.mkdtemp(), {"num": 2}), model, tokenizer, None, num=2,
-    ...                         progress=False)
+    >>> folder = GenerationFolder(tempfile.mkdtemp(), SamplingSettings(), {"num": 2})
+    >>> summary = generate_into(folder, model, tokenizer, None, num=2, progress=False)
     >>> summary["entries"], summary["parse_rate"]
     (2, 1.0)
     """
     from tqdm import tqdm
 
     folder.check_weights(weights_fingerprint(model))
+    batch_size = folder.sampling.batch_size
     index, count = shard
     # This shard's batches are index, index + count, ...: those done are whole batches, so the next one to do is
     # the (done + 1)-th of them.
     start = (index + count * (folder.finished // batch_size)) * batch_size
     owned = sum(min(batch_size, num - first) for first in range(index * batch_size, num, count * batch_size))
-    samples = generate_structures(model, tokenizer, prompts, num=num, batch_size=batch_size, start=start,
-                                  shard=shard, **sampling)
+    samples = generate_structures(model, tokenizer, prompts, num=num, settings=folder.sampling, start=start,
+                                  shard=shard)
     with tqdm(total=owned, initial=min(folder.finished, owned), desc="generating", unit=" structures",
               disable=not progress) as bar:
         batch: list[GeneratedSample] = []

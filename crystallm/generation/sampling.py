@@ -2,7 +2,7 @@
 records of what came out (text, parsed structure or the parse error, detected space group, timing).
 
     >>> model, tokenizer = load_generator()  # the default model shipped inside the package
-    >>> [sample] = generate_structures(model, tokenizer, Prompt.of(formula="NaCl"), num=1, seed=0)
+    >>> [sample] = generate_structures(model, tokenizer, Prompt.of(formula="NaCl"), num=1)
     >>> sample.structure.composition.reduced_formula
     'NaCl'
 """
@@ -23,16 +23,14 @@ from transformers import LogitsProcessorList
 from crystallm import symmetry
 from crystallm.diffraction.encoder import pattern_conditioning
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.distances import VALIDITY_DISTANCE, DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import native_bf16
 
 # How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
 RESAMPLE_ATTEMPTS = 3
-
-DEFAULT_MAX_ATOMS = 160  # conventional cell; 99.9% of the pretraining corpus has at most this many atoms
 
 
 @dataclass
@@ -119,76 +117,62 @@ def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symm
 
 
 def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | None = None, num: int | None = None,
-                        batch_size: int = 64, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, max_atoms: int = DEFAULT_MAX_ATOMS, start: int = 0,
-                        bf16: bool | None = None, grammar: bool = True, refine: bool | None = None,
-                        symmetrize: bool = False, guidance: float = 1.0,
-                        min_distance: float | DistanceFloor | None = VALIDITY_DISTANCE,
-                        charge_neutral: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[GeneratedSample]:
+                        settings: SamplingSettings = SamplingSettings(), start: int = 0,
+                        shard: tuple[int, int] = (0, 1)) -> Iterator[GeneratedSample]:
     """Generate crystals with `model.generate` and the grammar processor, yielding each as its batch finishes.
 
-    `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample. Sample i of a run is
-    reproducible: each batch is seeded from `seed` and its first index, so `start` (skip the first samples, to
-    resume) gives the same samples as an uninterrupted run with the same batch size; `shard` (i, n) generates
-    only batches i, i + n, i + 2n, ..., so n processes together give exactly the one-process run. `bf16`
-    autocasts on CPU (default: where the CPU computes bf16 natively, see `native_bf16`); the grammar guarantees
-    every text parses (`grammar=False` only to measure what it buys), and with `min_distance` (Å, 0.5 by default: the
-    validity definition; a `DistanceFloor` for an element-pair floor; None or 0: off) it refuses every choice
-    that would put two atoms closer than that. A sample whose text reaches a dead end (no choice keeps the
-    floor, or charge neutrality) is drawn again up to RESAMPLE_ATTEMPTS times (`resamples`), then kept with
-    the dead ends counted in `fallbacks`. `charge_neutral` lets the model close only formulas that pass SMACT's
-    test (unconditional and chemical-system prompts).
-    `refine` (default: when the model has a refinement head that is on by default) replaces the written lattice and coordinates by the
-    head's continuous values; `symmetrize` snaps each structure to the symmetry spglib finds at symprec 0.1.
+    `prompts`: one Prompt for `num` samples (None: unconditional), or one Prompt per sample; `settings`: how they
+    are drawn (`SamplingSettings`). Sample i of a run is reproducible: each batch is seeded from the seed and its
+    first index, so `start` (skip the first samples, to resume) gives the same samples as an uninterrupted run
+    with the same batch size; `shard` (i, n) generates only batches i, i + n, i + 2n, ..., so n processes together
+    give exactly the one-process run. The grammar guarantees every text parses, and with a distance floor it
+    refuses every choice that would put two atoms closer than that. A sample whose text reaches a dead end (no
+    choice keeps the floor, or charge neutrality) is drawn again up to RESAMPLE_ATTEMPTS times (`resamples`),
+    then kept with the dead ends counted in `fallbacks`.
 
     Prompts with a property condition need that property's adapter active (`crystallm.adapters.use_adapter`);
-    prompts without one run on the base model even when adapters are loaded. `guidance` > 1 is classifier-free
+    prompts without one run on the base model even when adapters are loaded. Guidance > 1 is classifier-free
     guidance (HF's `guidance_scale`): the logits are pushed away from those of the unconditional prompt
-    `<prop_i><prop_none>` by that factor (twice the compute). `temperature` 0 is greedy decoding (the most likely
-    token at each step: every sample of one prompt is the same).
+    `<prop_i><prop_none>` by that factor (twice the compute).
 
     >>> model, tokenizer = load_generator()
-    >>> samples = list(generate_structures(model, tokenizer, num=2, seed=1))
+    >>> samples = list(generate_structures(model, tokenizer, num=2, settings=SamplingSettings(seed=1)))
     >>> [s.error for s in samples], all(s.structure is not None for s in samples)
     (['', ''], True)
     """
-    _check_sampling(batch_size, temperature, top_k, top_p, max_atoms, guidance)
     if prompts is None or isinstance(prompts, Prompt):
         if num is None or num < 0:
             raise CrystaLLMInputError(f"num {num}: give how many samples to generate (0 or more) with a single prompt")
         prompts = [prompts or Prompt()] * num
     prompts = list(prompts)
     head = getattr(model, "refiner", None)
-    refine = head is not None and head.on_by_default if refine is None else refine
+    refine = head is not None and head.on_by_default if settings.refine is None else settings.refine
     if refine and head is None:
         raise CrystaLLMInputError("this model has no refinement head (train one with train/refiner.py)")
-    adapter_context = _adapter_context(model, prompts, guidance)
+    adapter_context = _adapter_context(model, prompts, settings.guidance)
     max_length = model.config.n_positions
-    floor = min_distance if isinstance(min_distance, DistanceFloor) else \
-        DistanceFloor(min_distance) if min_distance else None
-    grammars = {p: p.grammar(tokenizer, max_atoms, max_length, floor, charge_neutral) if grammar else None
+    floor = settings.distance_floor()
+    grammars = {p: p.grammar(tokenizer, settings.max_atoms, max_length, floor, settings.charge_neutral)
+                if settings.grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} \
-        if temperature > 0 else {"do_sample": False}
-    sampling["guidance_scale"] = guidance
-    bf16 = native_bf16() if bf16 is None else bf16
+    bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
+    batch_size = settings.batch_size
     for first in range(start - start % batch_size, len(prompts), batch_size):
         if (first // batch_size) % shard[1] != shard[0]:
             continue
         batch = prompts[first:first + batch_size]
         begun = time.perf_counter()
         with adapter_context():
-            texts, lengths, fallbacks = _sample_batch(model, tokenizer, batch, grammars, seed, first, sampling,
-                                                      autocast)
+            texts, lengths, fallbacks = _sample_batch(model, tokenizer, batch, grammars, settings, first, autocast)
             resamples = [0] * len(batch)
             for attempt in range(1, RESAMPLE_ATTEMPTS + 1):  # a text that hit a dead end is drawn again
                 again = [row for row, count in enumerate(fallbacks) if count]
                 if not again:
                     break
-                redrawn = _sample_batch(model, tokenizer, [batch[row] for row in again], grammars, seed, first,
-                                        sampling, autocast, attempt)
+                redrawn = _sample_batch(model, tokenizer, [batch[row] for row in again], grammars, settings, first,
+                                        autocast, attempt)
                 for row, text, length, count in zip(again, *redrawn):
                     texts[row], lengths[row], fallbacks[row], resamples[row] = text, length, count, attempt
         seconds = (time.perf_counter() - begun) / len(batch)
@@ -196,31 +180,18 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
                                    fallbacks=fallback, resamples=resample)
                    for offset, (prompt, text, length, fallback, resample)
                    in enumerate(zip(batch, texts, lengths, fallbacks, resamples)) if first + offset >= start]
-        _finish(model, tokenizer, samples, refine, symmetrize)
+        _finish(model, tokenizer, samples, refine, settings.symmetrize)
         yield from samples
 
 
-def _check_sampling(batch_size: int, temperature: float, top_k: int | None, top_p: float | None, max_atoms: int,
-                    guidance: float) -> None:
-    """Raise CrystaLLMInputError naming the first sampling setting outside its range."""
-    problems = [(batch_size < 1, f"batch size {batch_size}: at least 1"),
-                (not temperature >= 0, f"temperature {temperature}: 0 (greedy) or more"),
-                (top_k is not None and top_k < 0, f"top-k {top_k}: 0 (off) or more"),
-                (top_p is not None and not 0 < top_p <= 1, f"top-p {top_p}: a probability in (0, 1]"),
-                (max_atoms < 1, f"max atoms {max_atoms}: at least 1"),
-                (not guidance >= 1, f"guidance {guidance}: 1 (none) or more")]
-    for bad, message in problems:
-        if bad:
-            raise CrystaLLMInputError(message)
-
-
-def measure_speed(model, tokenizer, batch_size: int, num: int, repeats: int = 3, **sampling) -> dict:
+def measure_speed(model, tokenizer, num: int, settings: SamplingSettings = SamplingSettings(),
+                  repeats: int = 3) -> dict:
     """Generation speed, unconditional: the median over `repeats` runs of `num` samples of structures/s and
     generated tokens/s (model and grammar; parsing excluded), structures/s end to end (parsed, symmetry
     detected), and the samples drawn again for the distance floor, each run with its own seed.
 
     >>> model, tokenizer = load_generator()
-    >>> sorted(measure_speed(model, tokenizer, batch_size=2, num=2, repeats=1))  # doctest: +NORMALIZE_WHITESPACE
+    >>> sorted(measure_speed(model, tokenizer, 2, SamplingSettings(batch_size=2), repeats=1))  # doctest: +NORMALIZE_WHITESPACE
     ['batch_size', 'end_to_end_structures_per_second', 'resampled', 'runs', 'structures_per_second',
      'tokens_per_second', 'tokens_per_structure']
     """
@@ -229,30 +200,31 @@ def measure_speed(model, tokenizer, batch_size: int, num: int, repeats: int = 3,
     runs = []
     for repeat in range(repeats):
         begun = time.perf_counter()
-        samples = list(generate_structures(model, tokenizer, num=num, batch_size=batch_size, seed=repeat, **sampling))
+        samples = list(generate_structures(model, tokenizer, num=num, settings=settings.replace(seed=repeat)))
         wall = time.perf_counter() - begun
         seconds, tokens = sum(s.seconds for s in samples), sum(s.tokens for s in samples)
         runs.append({"structures_per_second": len(samples) / seconds, "tokens_per_second": tokens / seconds,
                      "tokens_per_structure": tokens / len(samples),
                      "end_to_end_structures_per_second": len(samples) / wall,
                      "resampled": sum(1 for s in samples if s.resamples)})
-    return {"batch_size": batch_size, "runs": runs,
+    return {"batch_size": settings.batch_size, "runs": runs,
             **{key: statistics.median(run[key] for run in runs) for key in runs[0]}}
 
 
-def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, seed: int, first: int, sampling: dict,
+def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, settings: SamplingSettings, first: int,
                   autocast, attempt: int = 0) -> tuple[list[str], list[int], list[int]]:
     """Texts, generated-token counts and grammar fallbacks of one batch (`attempt` > 0: a redraw of some of its
     rows, seeded apart). Rows with different constraints get their own processor."""
     inputs = tokenizer([p.text() for p in batch], return_tensors="pt", padding=True).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     processors = [_RowGrammars([grammars[p] for p in batch])] if grammars[batch[0]] else []
-    if sampling["guidance_scale"] != 1.0:  # the unconditional branch: the same prompts with the value dropped
+    sampling = settings.generate_kwargs()
+    if settings.guidance != 1.0:  # the unconditional branch: the same prompts with the value dropped
         negative = tokenizer([replace(p, target=None).text() for p in batch], return_tensors="pt", padding=True)
         sampling = sampling | {"negative_prompt_ids": negative["input_ids"].to(model.device),
                                "negative_prompt_attention_mask": negative["attention_mask"].to(model.device)}
     # Seeded by the batch's position (resumable and reproducible), and a redraw by its attempt.
-    torch.manual_seed(seed * 1_000_003 + first + attempt * 1_000_000_007)
+    torch.manual_seed(settings.seed * 1_000_003 + first + attempt * 1_000_000_007)
     patterns = pattern_conditioning(model, tokenizer, np.array([p.pattern for p in batch])) if batch[0].pattern \
         else contextlib.nullcontext()
     with torch.no_grad(), autocast, patterns:

@@ -18,6 +18,7 @@ from crystallm.adapters import use_adapter
 from crystallm.evaluation import reports
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
+from crystallm.generation.settings import SamplingSettings
 from crystallm.properties.surrogates import SurrogatePredictor
 
 
@@ -67,14 +68,13 @@ def run_conditional_benchmark(model, tokenizer, adapter: str, predictor: Surroga
     `reference` (texts, true values of a held-out split) adds each target's `surrogate_ceiling`.
     """
     output_dir = Path(output_dir)
-    sampling = {"seed": seed, "batch_size": batch_size}
 
     def arm(name: str, prompt: Prompt | None, guidance_scale: float) -> dict:
-        settings = {"adapter": adapter, "prompt": prompt.describe() if prompt else "", "guidance": guidance_scale,
-                    **sampling, "num": num}
-        folder = GenerationFolder(output_dir / name, settings, resume=True)
-        summary = generate_into(folder, model, tokenizer, prompt, num=num, progress=progress, guidance=guidance_scale,
-                                **sampling)
+        sampling = SamplingSettings(seed=seed, batch_size=batch_size, guidance=guidance_scale)
+        folder = GenerationFolder(output_dir / name, sampling,
+                                  {"adapter": adapter, "prompt": prompt.describe() if prompt else "", "num": num},
+                                  resume=True)
+        summary = generate_into(folder, model, tokenizer, prompt, num=num, progress=progress)
         return score_folder(folder, summary, model, tokenizer, predictor)
 
     model = use_adapter(model, adapter)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from crystallm.modeling import CrystaLLMOutput, native_bf16
 from crystallm.training.collator import PretrainingCollator, epoch_batches, held_out_split
+from crystallm.training.settings import PretrainingSettings, TrainingSettings
 
 
 def _losses(output: CrystaLLMOutput) -> dict[str, torch.Tensor]:
@@ -34,8 +35,8 @@ def _losses(output: CrystaLLMOutput) -> dict[str, torch.Tensor]:
     return {name: value for name, value in named.items() if value is not None}
 
 
-def make_accelerator(config: dict, default_precision: str = "bf16"):
-    """The `Accelerator` of every training loop, from a stage config's `mixed_precision` and
+def make_accelerator(settings: TrainingSettings):
+    """The `Accelerator` of every training loop, from its settings' `mixed_precision` and
     `gradient_accumulation_steps`. Without CUDA it is told to use the CPU, so that processes started by
     `accelerate launch --multi_gpu` or torchrun form one CPU (gloo) group instead of training alone. Under DDP,
     parameters of an objective that is off (the contrastive projection) get no gradient, which DDP must be told.
@@ -43,14 +44,14 @@ def make_accelerator(config: dict, default_precision: str = "bf16"):
     (`split_batches`), not once per process."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    precision = config.get("mixed_precision", default_precision)
+    precision = settings.mixed_precision
     if precision == "bf16" and not torch.cuda.is_available() and not native_bf16():
         # Emulated bf16 (AVX2-only CPUs) makes a training step about 27x slower than fp32 (measured: 114 against
         # about 3,100 tokens/s for the 3.7M model); the same config then trains in fp32.
         print("bf16 requested but this CPU has no native bf16: training in fp32")
         precision = "no"
     return Accelerator(mixed_precision=precision,
-                       gradient_accumulation_steps=int(config.get("gradient_accumulation_steps", 1)),
+                       gradient_accumulation_steps=settings.gradient_accumulation_steps,
                        cpu=not torch.cuda.is_available(),
                        dataloader_config=DataLoaderConfiguration(split_batches=True),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -70,16 +71,13 @@ def token_weighted(accelerator, losses: dict[str, torch.Tensor], targets: torch.
     return {name: value * share for name, value in losses.items()}
 
 
-def pretrain(config: dict) -> Path:
-    """Pretrain a model as `config` (a configs/pretrain-*.yaml) says; resume from `output_dir/checkpoint` if there.
-    `stop_at_step` ends this invocation at that step with a checkpoint (to train in chunks under a time limit);
-    `auxiliary_every` runs the masked-atom and contrastive passes on every n-th batch only (default 1: all).
-    `augment_descriptions` trains each text as one of its equivalent texts, drawn at each visit
-    (`data.add_descriptions`); held-out losses stay on the canonical texts. `keep_best` saves the model of the
-    lowest held-out loss (`output_dir/best`, step and loss in `train_state.json`) and ships it at the end instead
-    of the last step's: a long run on a small corpus can overfit before its schedule ends. `init_from` (a model
-    folder of the same shape) starts from its weights instead of random ones: pretraining continued with a new
-    schedule (a warm restart).
+def pretrain(settings: PretrainingSettings) -> Path:
+    """Pretrain a model as `settings` (read from a configs/pretrain-*.yaml) say; resume from `output_dir/checkpoint`
+    if there; the settings are saved as `output_dir/settings.json`.
+    Each setting is described in `PretrainingSettings`: `keep_best` ships the model of the lowest held-out loss
+    (a long run on a small corpus can overfit before its schedule ends), `init_from` continues pretraining from a
+    model folder with a new schedule (a warm restart), `test_sets` logs held-out losses on test texts as
+    `<name>_loss`, `<name>_clm`, ... beside the corpus rows' `eval_*`.
 
     Returns the output directory, which holds the model and tokenizer (`save_pretrained`), `log.jsonl` (one
     line per step: losses, learning rate, tokens/s, tokens seen and training seconds over all invocations, steps
@@ -93,30 +91,35 @@ def pretrain(config: dict) -> Path:
     from crystallm.modeling import CrystaLLMForCausalLM
     from crystallm.tokenization import CrystaLLMTokenizer
 
-    out = Path(config["output_dir"])
-    seed = int(config.get("seed", 0))
+    out = Path(settings.output_dir)
+    seed = settings.seed
     torch.manual_seed(seed)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(settings)
     tokenizer = CrystaLLMTokenizer.from_format()
-    corpus = data.load_texts(config["corpus"], config.get("max_rows"))
+    corpus = data.load_texts(settings.corpus, settings.max_rows)
+    if settings.exclude_sources:  # a part of the corpus only
+        unwanted = set(settings.exclude_sources)
+        corpus = corpus.filter(lambda batch: [source not in unwanted for source in batch["source"]], batched=True)
     texts = corpus["text"]
-    train_texts, eval_texts = held_out_split(texts, seed, int(config.get("eval_rows", 512)))
+    train_texts, eval_texts = held_out_split(texts, seed, settings.eval_rows)
+    test_sets = {name: data.sample_texts(settings.test_file, source, settings.test_rows, seed)
+                 for name, source in settings.test_sets.items()}
 
-    model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **config["model"])
+    model_config = CrystaLLMConfig(vocab_size=len(tokenizer), **settings.model)
     model_config._attn_implementation = "sdpa"
-    if config.get("init_from"):  # continued pretraining: the weights of a model folder, a new schedule
-        model = CrystaLLMForCausalLM.from_pretrained(config["init_from"], config=model_config)
+    if settings.init_from:  # continued pretraining: the weights of a model folder, a new schedule
+        model = CrystaLLMForCausalLM.from_pretrained(settings.init_from, config=model_config)
     else:
         model = CrystaLLMForCausalLM(model_config)
     views = None
     if model_config.contrastive_weight:
         with accelerator.main_process_first():  # one process makes the views, the others read the cache
-            corpus = data.add_hard_views(corpus, seed, config.get("num_proc"))
+            corpus = data.add_hard_views(corpus, seed, settings.num_proc)
         views = dict(zip(corpus["text"], corpus["view"]))
     descriptions = None
-    if config.get("augment_descriptions"):
+    if settings.augment_descriptions:
         with accelerator.main_process_first():
-            corpus = data.add_descriptions(corpus, config.get("num_proc"))
+            corpus = data.add_descriptions(corpus, settings.num_proc)
         held_out = set(eval_texts)  # held-out losses stay on the canonical texts
         descriptions = {text: options for text, options in zip(corpus["text"], corpus["descriptions"])
                         if text not in held_out}
@@ -124,15 +127,15 @@ def pretrain(config: dict) -> Path:
                                    masked_atom=bool(model_config.masked_atom_weight),
                                    contrastive=bool(model_config.contrastive_weight), seed=seed, views=views,
                                    descriptions=descriptions)
-    batch_size = int(config["batch_size"])
-    auxiliary_every = int(config.get("auxiliary_every", 1))
+    batch_size = settings.batch_size
+    auxiliary_every = settings.auxiliary_every
     lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
     steps_per_epoch = len(epoch_batches(lengths, batch_size, 0, seed, accelerator.process_index,
                                         accelerator.num_processes)) // accelerator.gradient_accumulation_steps
-    max_steps = int(config["max_steps"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["learning_rate"]),
-                                  weight_decay=float(config.get("weight_decay", 0.1)), betas=(0.9, 0.95))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.get("warmup_steps", 0)), max_steps)
+    max_steps = settings.max_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state_path, checkpoint = out / "train_state.json", out / "checkpoint"
@@ -145,12 +148,14 @@ def pretrain(config: dict) -> Path:
         best = {key: saved.get(key, value) for key, value in best.items()}
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        settings.save(out)
     log_path = out / "log.jsonl"
     if step == 0 and log_path.exists():
         log_path.unlink()
     started, tokens, stop_here, skipped = time.perf_counter(), 0, False, 0
     progress = tqdm(total=max_steps, initial=step, desc="pretraining", unit=" steps",
-                    disable=not accelerator.is_main_process or not config.get("progress", True))
+                    disable=not accelerator.is_main_process or not settings.progress)
     model.train()
     while step < max_steps and not stop_here:
         epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
@@ -171,7 +176,7 @@ def pretrain(config: dict) -> Path:
                 accelerator.backward(losses["loss"] * accelerator.num_processes)
                 finite = True
                 if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(model.parameters(), float(config.get("max_grad_norm", 1.0)))
+                    norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                     finite = bool(torch.isfinite(norm))
                 # A step whose gradient is not finite is skipped, not applied: on a GPU one such step (step
                 # 1,647, bf16) turned every weight of a 26M model to NaN for the rest of its run.
@@ -190,9 +195,12 @@ def pretrain(config: dict) -> Path:
                    **{f"train_{k}": float(accelerator.reduce(v.detach(), "sum")) for k, v in losses.items()},
                    "tokens_per_s": tokens / elapsed, "tokens_seen": tokens_before + tokens, "skipped_steps": skipped,
                    "train_seconds": seconds_before + elapsed}
-            if step % int(config.get("eval_every", 100)) == 0 or step == max_steps:
+            if step % settings.eval_every == 0 or step == max_steps:
                 row.update(evaluate_losses(accelerator, model, collator, eval_texts, batch_size))
-                if config.get("keep_best") and row["eval_loss"] < best["best_eval_loss"]:
+                for name, test_texts in test_sets.items():
+                    losses = evaluate_losses(accelerator, model, collator, test_texts, batch_size)
+                    row.update({key.replace("eval", name, 1): value for key, value in losses.items()})
+                if settings.keep_best and row["eval_loss"] < best["best_eval_loss"]:
                     best = {"best_eval_loss": row["eval_loss"], "best_step": step}
                     if accelerator.is_main_process:
                         accelerator.unwrap_model(model).save_pretrained(out / "best")
@@ -201,8 +209,8 @@ def pretrain(config: dict) -> Path:
             if accelerator.is_main_process:
                 with open(log_path, "a") as log:
                     log.write(json.dumps(row) + "\n")
-            stop_here = step == int(config.get("stop_at_step") or -1)  # end this invocation early, resumable
-            if step % int(config.get("save_every", 200)) == 0 or step == max_steps or stop_here:
+            stop_here = step == (settings.stop_at_step or -1)  # end this invocation early, resumable
+            if step % settings.save_every == 0 or step == max_steps or stop_here:
                 accelerator.save_state(str(checkpoint))
                 if accelerator.is_main_process:
                     state_path.write_text(json.dumps({**{key: row[key] for key in
@@ -216,7 +224,7 @@ def pretrain(config: dict) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if config.get("keep_best") and (out / "best").exists():
+        if settings.keep_best and (out / "best").exists():
             shutil.copytree(out / "best", out, dirs_exist_ok=True)
             accelerator.print(f"kept step {best['best_step']}: held-out loss {best['best_eval_loss']:.4f}")
         else:

@@ -53,7 +53,9 @@ class SweepRun:
 
 def _launch(configs: dict[str, Path], threads: int) -> None:
     """Pretrain on each config at once, a process each; raise if one fails."""
-    run = "import sys, yaml; from crystallm.training.pretrain import pretrain; pretrain(yaml.safe_load(open(sys.argv[1])))"
+    run = ("import sys, yaml; from crystallm.training.pretrain import pretrain; "
+           "from crystallm.training.settings import PretrainingSettings; "
+           "pretrain(PretrainingSettings.from_dict(yaml.safe_load(open(sys.argv[1]))))")
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     processes = {name: subprocess.Popen([sys.executable, "-c", run, str(path)], env=environment)
                  for name, path in configs.items()}
