@@ -1,5 +1,6 @@
 """Shared fixtures: small seeded slices of the real data in ../shared/data."""
 
+import dataclasses
 import random
 import shutil
 import warnings
@@ -15,6 +16,7 @@ from crystallm.model_folder import TRAINING_CORPUS
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.adapter import train_adapter, train_pattern_adapter
+from crystallm.training.settings import AdapterSettings
 
 warnings.filterwarnings("ignore", module="pymatgen")
 
@@ -73,9 +75,9 @@ def model_with_adapters(tmp_path_factory):
     beside it (`<model>/adapters/<property>/`) as the shipped model keeps them, and the corpus it stands for."""
     base = _save_tiny_model(tmp_path_factory.mktemp("model-with-adapters"))
     for name in ("band_gap", "formation_energy_per_atom"):
-        train_adapter({"model": str(base), "property": name, "corpus": "data/pretraining-corpus.csv.gz",
-                       "output_dir": str(base / "adapters"), "batch_size": 8, "learning_rate": 1e-2,
-                       "max_steps": 3, "rank": 4})
+        train_adapter(AdapterSettings(model=str(base), property=name, corpus="data/pretraining-corpus.csv.gz",
+                                      output_dir=str(base / "adapters"), batch_size=8, learning_rate=1e-2,
+                                      max_steps=3, rank=4))
     shutil.copy("data/pretraining-corpus.csv.gz", base / TRAINING_CORPUS)  # its novelty reference, as exported
     return base
 
@@ -95,8 +97,8 @@ def model_with_pattern_adapter(tmp_path_factory):
     """A tiny untrained base model folder with the powder-pattern adapter (3 steps on 64 real corpus rows) and a
     band-gap adapter beside it."""
     base = _save_tiny_model(tmp_path_factory.mktemp("model-with-pattern-adapter"))
-    common = {"model": str(base), "corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(base / "adapters"),
-              "batch_size": 8, "learning_rate": 1e-2, "max_steps": 3, "rank": 4}
-    train_pattern_adapter(common | {"max_rows": 64})
-    train_adapter(common | {"property": "band_gap"})
+    common = AdapterSettings(model=str(base), corpus="data/pretraining-corpus.csv.gz",
+                             output_dir=str(base / "adapters"), batch_size=8, learning_rate=1e-2, max_steps=3, rank=4)
+    train_pattern_adapter(dataclasses.replace(common, max_rows=64))
+    train_adapter(dataclasses.replace(common, property="band_gap"))
     return base

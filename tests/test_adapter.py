@@ -90,7 +90,7 @@ def test_generate_command_with_an_adapter_a_target_and_guidance(model_with_adapt
     out = tmp_path / "guided"
     assert _generate(model_with_adapters, out, "--adapter", "band_gap", "--target", "2.0", "--guidance", "2") == 0
     settings = json.loads((out / "run.json").read_text())
-    assert settings["adapter"] == "band_gap" and settings["guidance"] == 2.0
+    assert settings["adapter"] == "band_gap" and settings["sampling"]["guidance"] == 2.0
     assert settings["prompt"] == "band_gap 2.0"
     # Far outside the data: one warning line on stderr naming the command and the range, and the run goes on.
     capsys.readouterr()

@@ -126,16 +126,16 @@ def test_train_refiner_saves_the_best_head_and_logs_held_out_denoising(tmp_path,
     import json
 
     from crystallm.training.refiner import train_refiner
+    from crystallm.training.settings import RefinerSettings
 
     base = tmp_path / "base"
     config = CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)
     CrystaLLMForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    out = train_refiner({"model": str(base), "corpus": "data/pretraining-corpus.csv.gz",
-                         "output_dir": str(tmp_path / "r"),
-                         "eval_rows": 8, "seed": 0, "refiner": {"width": 16, "layers": 1, "steps": 2},
-                         "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2,
-                         "eval_sigmas": [0.1], "sigma_range": [0.01, 0.5]})
+    out = train_refiner(RefinerSettings.from_dict({
+        "model": str(base), "corpus": "data/pretraining-corpus.csv.gz", "output_dir": str(tmp_path / "r"),
+        "eval_rows": 8, "seed": 0, "refiner": {"width": 16, "layers": 1, "steps": 2}, "batch_size": 8,
+        "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2, "eval_sigmas": [0.1], "sigma_range": [0.01, 0.5]}))
     rows = [json.loads(line) for line in (out / "refiner_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     evaluated = [r for r in rows if "eval" in r]

@@ -5,6 +5,7 @@
 
 from crystallm.stage_config import read_stage_config
 from crystallm.training.adapter import train_adapter
+from crystallm.training.settings import AdapterSettings
 
 if __name__ == "__main__":
-    print(train_adapter(read_stage_config(__doc__)))
+    print(train_adapter(AdapterSettings.from_dict(read_stage_config(__doc__))))

@@ -8,6 +8,7 @@ by name.
 
 from crystallm.stage_config import read_stage_config
 from crystallm.training.adapter import train_pattern_adapter
+from crystallm.training.settings import AdapterSettings
 
 if __name__ == "__main__":
-    print(train_pattern_adapter(read_stage_config(__doc__)))
+    print(train_pattern_adapter(AdapterSettings.from_dict(read_stage_config(__doc__))))

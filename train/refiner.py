@@ -5,6 +5,7 @@
 
 from crystallm.stage_config import read_stage_config
 from crystallm.training.refiner import train_refiner
+from crystallm.training.settings import RefinerSettings
 
 if __name__ == "__main__":
-    print(train_refiner(read_stage_config(__doc__)))
+    print(train_refiner(RefinerSettings.from_dict(read_stage_config(__doc__))))

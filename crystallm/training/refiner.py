@@ -20,6 +20,7 @@ from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
 from crystallm.training.collator import epoch_batches, held_out_split
 from crystallm.training.pretrain import make_accelerator, token_weighted
+from crystallm.training.settings import RefinerSettings
 
 
 def _training_batch(texts: list[str], rows: list[int], head: modeling.CrystalRefiner, model, tokenizer,
@@ -53,37 +54,37 @@ def _training_batch(texts: list[str], rows: list[int], head: modeling.CrystalRef
             torch.tensor(np.stack(strains), dtype=torch.float32, device=device))
 
 
-def train_refiner(config: dict) -> Path:
-    """Train the refinement head of a saved model with the GPT frozen, as a configs/refiner-*.yaml says, and save
-    the model with the head that had the lowest held-out error to `output_dir`; every setting of the head
-    (`config["refiner"]`: sizes, noise scale, starting noise and steps of inference) is saved in the model's config.
+def train_refiner(settings: RefinerSettings) -> Path:
+    """Train the refinement head of a saved model with the GPT frozen, as `settings` (a configs/refiner-*.yaml)
+    say, and save the model with the head that had the lowest held-out error to `output_dir`; every setting of the
+    head (`settings.refiner`: sizes, noise scale, starting noise and steps of inference) is saved in the model's
+    config.
     The held-out rows are those of `pretrain` with the same seed. Logs the loss, and every `eval_every` steps the
     held-out denoising errors (`crystallm.generation.refinement.denoising_errors`) at `eval_sigmas`.
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    out = Path(config["output_dir"])
-    seed = int(config.get("seed", 0))
+    out = Path(settings.output_dir)
+    seed = settings.seed
     torch.manual_seed(seed)
-    accelerator = make_accelerator(config, "no")
-    model, tokenizer = load_generator(config.get("model"), device=str(accelerator.device))
-    head = modeling.CrystalRefiner(model.config.n_embd, **config["refiner"])
+    accelerator = make_accelerator(settings)
+    model, tokenizer = load_generator(settings.model, device=str(accelerator.device))
+    head = modeling.CrystalRefiner(model.config.n_embd, **settings.refiner)
     model.config.refiner = head.settings  # the head is rebuilt from these alone when the model is loaded
     model.refiner = head.to(accelerator.device)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith("refiner.")
-    train_texts, eval_texts = held_out_split(data.load_texts(config["corpus"])["text"], seed,
-                                             int(config.get("eval_rows", 256)))
+    train_texts, eval_texts = held_out_split(data.load_texts(settings.corpus)["text"], seed, settings.eval_rows)
     eval_crystals = [text_format.read_crystal_text(text) for text in eval_texts]
-    max_steps = int(config["max_steps"])
-    optimizer = torch.optim.AdamW(head.parameters(), lr=float(config["learning_rate"]), weight_decay=0.01)
+    max_steps = settings.max_steps
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, max_steps // 10), max_steps)
     prepared, optimizer, schedule = accelerator.prepare(head, optimizer, schedule)
-    sigma_range, eval_sigmas = tuple(config["sigma_range"]), list(config.get("eval_sigmas", [0.03, 0.1, 0.3]))
-    max_atoms = int(config.get("max_atoms", 96))
+    sigma_range, eval_sigmas, max_atoms = settings.sigma_range, list(settings.eval_sigmas), settings.max_atoms
     lengths = np.array([len(text) for text in train_texts])
     batches: list[np.ndarray] = []
     out.mkdir(parents=True, exist_ok=True)
+    settings.save(out)
     log_path = out / "refiner_log.jsonl"
     log_path.unlink(missing_ok=True)
     best, best_state = math.inf, None
@@ -91,7 +92,7 @@ def train_refiner(config: dict) -> Path:
     for step in tqdm(range(1, max_steps + 1), desc="refiner", unit=" steps",
                      disable=not accelerator.is_main_process):
         if not batches:
-            batches = epoch_batches(lengths, int(config["batch_size"]), step, seed, accelerator.process_index,
+            batches = epoch_batches(lengths, settings.batch_size, step, seed, accelerator.process_index,
                                     accelerator.num_processes)
         rows = [int(i) for i in batches.pop()]
         prepared.train()
@@ -110,7 +111,7 @@ def train_refiner(config: dict) -> Path:
         optimizer.zero_grad()
         row = {"step": step, "loss": float(accelerator.reduce(loss.detach(), "sum")),
                "seconds": time.perf_counter() - started}
-        if step % int(config.get("eval_every", 500)) == 0 or step == max_steps:
+        if step % settings.eval_every == 0 or step == max_steps:
             head.eval()
             errors = refinement.denoising_errors(model, tokenizer, eval_crystals, eval_sigmas, seed=seed)
             row["eval"] = [asdict(error) for error in errors]

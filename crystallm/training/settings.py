@@ -133,3 +133,4 @@ class RefinerSettings(TrainingSettings):
     eval_sigmas: tuple[float, ...] = (0.03, 0.1, 0.3)  # noise levels of the held-out losses
     max_atoms: int = 96  # crystals with more atoms are skipped
     eval_every: int = 500  # steps between held-out losses
+    mixed_precision: str = "no"  # geometry in fp32
