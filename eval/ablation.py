@@ -1,6 +1,6 @@
 """Stage: compare pretrained models (the objectives' ablation) on what each objective is for.
 
-    python eval/ablation.py configs/eval-ablation.yaml
+    python eval/ablation.py configs/experiments/eval-ablation.yaml
 
 On `test_rows` seeded mp20-bt test texts: (a) causal-LM loss, (b) masked-element accuracy (bidirectional pass, one
 element hidden everywhere), (c) retrieval top-1 of a hard view (`text_format.hard_view`) among all those texts and

@@ -1,7 +1,7 @@
 """Stage: what loading and switching property adapters costs, against reloading the base model
 (crystallm/adapters.py), median of `repeats` runs.
 
-    python eval/adapter_switching.py configs/eval-adapter-switching.yaml
+    python eval/adapter_switching.py configs/experiments/eval-adapter-switching.yaml
 
 Writes `<output_dir>/switching.json`: seconds to load the base model, to add the first and the second adapter,
 to switch between them with `set_adapter`, and each adapter's size on disk.

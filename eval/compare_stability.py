@@ -2,7 +2,7 @@
 structure by structure from their relaxation caches: each arm's medians and means over the structures relaxed
 in both, and how often, and by how much, the second arm is lower.
 
-    python eval/compare_stability.py configs/eval-stability-compare-refiner.yaml
+    python eval/compare_stability.py configs/experiments/eval-stability-compare-refiner.yaml
 
 Writes `<output_dir>/summary.json` and `summary.md`.
 """

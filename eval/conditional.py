@@ -1,6 +1,6 @@
 """Stage: the conditional benchmark of one property adapter (crystallm/conditional_benchmark.py).
 
-    python eval/conditional.py configs/eval-conditional-band_gap.yaml
+    python eval/conditional.py configs/experiments/eval-conditional-band_gap.yaml
 
 Generation goes to one resumable folder per arm under `output_dir`; `report.json` and `report.md` there are
 rewritten after every measured row. With `ceiling_texts`, each target also gets the surrogate's ceiling: the

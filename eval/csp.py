@@ -1,7 +1,7 @@
 """Stage: crystal structure prediction on a fixed subset (DESIGN.md section 5): generate `attempts` structures
 for each target formula, then match them to the targets.
 
-    python eval/csp.py configs/eval-mp20bt-csp200-default.yaml
+    python eval/csp.py configs/experiments/eval-mp20bt-csp200-default.yaml
 
 `model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
 `crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.

@@ -2,7 +2,7 @@
 noised at known levels (as in training, written as text), refined from that level, their error before and after;
 a curve over the noise level, as numbers and a plot.
 
-    python eval/denoising.py configs/eval-denoising-default.yaml
+    python eval/denoising.py configs/experiments/eval-denoising-default.yaml
 """
 
 from dataclasses import asdict

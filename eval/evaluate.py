@@ -1,6 +1,6 @@
 """Stage: one benchmark protocol of DESIGN.md section 5 (de novo or CSP), from a YAML config.
 
-    python eval/evaluate.py configs/eval-mp20bt-test-self.yaml
+    python eval/evaluate.py configs/experiments/eval-mp20bt-test-self.yaml
 
 Writes `<output_dir>/summary.json`, `summary.md`, `records.jsonl` (one line per structure) and `plots/*.png`.
 """

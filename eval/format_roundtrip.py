@@ -1,6 +1,6 @@
 """Stage: round trip of the text format and tokenizer on every structure of ../shared/data.
 
-    python eval/format_roundtrip.py configs/format-roundtrip.yaml
+    python eval/format_roundtrip.py configs/experiments/format-roundtrip.yaml
 
 Writes per-structure records (parquet) and a summary (JSON + Markdown) to `output_dir`. Each source is
 a cached `datasets` map, so a killed run resumes from the sources already done.

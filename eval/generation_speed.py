@@ -1,7 +1,7 @@
 """Stage: generation speed of a model (DESIGN.md section 5, Speed): structures/s and tokens/s at each batch
 size, the median of several runs.
 
-    python eval/generation_speed.py configs/eval-generation-speed-default.yaml
+    python eval/generation_speed.py configs/experiments/eval-generation-speed-default.yaml
 """
 
 import json

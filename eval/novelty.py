@@ -2,7 +2,7 @@
 k-NN pre-filter, on the same scored collection: seconds for each, structures/s of the whole `evaluate`, and a
 check that both flag exactly the same structures as novel.
 
-    python eval/novelty.py configs/eval-novelty-corpus.yaml
+    python eval/novelty.py configs/experiments/eval-novelty-corpus.yaml
 
 The exact path matches each structure against every reference entry of its reduced formula, which is what
 exhaustive matching does (StructureMatcher never matches two formulas). Embeds the reference first (`crystallm

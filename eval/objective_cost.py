@@ -2,7 +2,7 @@
 same batches (`train/pretrain.py`'s loop, from scratch, into a scratch folder) and reads its `log.jsonl`:
 mean seconds a step and causal-LM tokens a second, after the first `warmup` steps.
 
-    python eval/objective_cost.py configs/eval-objective-cost.yaml
+    python eval/objective_cost.py configs/experiments/eval-objective-cost.yaml
 
 `pretrain` holds the settings shared by every arm (a configs/pretrain-*.yaml body); each arm adds its `model`
 weights and `auxiliary_every`. Writes `<output_dir>/summary.json` and `summary.md`.

@@ -1,7 +1,7 @@
 """Stage: the share of sampled texts that parse, and that are structurally valid, with the grammar and its
 distance floor, with the grammar alone, and without either.
 
-    python eval/parse_rate.py configs/eval-parse-rate-untrained.yaml
+    python eval/parse_rate.py configs/experiments/eval-parse-rate-untrained.yaml
 
 `model` is a saved model directory, or absent for an untrained model built from `untrained_model` (the worst
 case for the grammar). Writes `<output_dir>/summary.json` and the first failures.

@@ -2,7 +2,7 @@
 the same collection scored (and a slice of it relaxed by CHGNet) by each, wall seconds and their ratio, and a
 check that both give the same results.
 
-    python eval/ray_overhead.py configs/eval-ray-overhead.yaml
+    python eval/ray_overhead.py configs/experiments/eval-ray-overhead.yaml
 """
 
 import time

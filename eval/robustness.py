@@ -1,6 +1,6 @@
 """Stage: evaluate a zip of real CIFs with bad entries mixed in, to the end, and report peak memory.
 
-    python eval/robustness.py configs/eval-robustness.yaml
+    python eval/robustness.py configs/experiments/eval-robustness.yaml
 
 The zip holds `size` entries: real CIFs of mp20-bt (test, then train) and, every `bad_every`-th entry, one of:
 garbage bytes, an empty file, a non-CIF text, a structure with overlapping atoms, a CIF with NaN coordinates.

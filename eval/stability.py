@@ -1,7 +1,7 @@
 """Stage: the stability protocol (DESIGN.md section 5) on a collection: CHGNet relaxation of every structurally
 valid structure, E_hull against the approximate hull, RMSD and S.U.N. (crystallm/evaluation/relaxation.py).
 
-    python eval/stability.py configs/eval-stability-mp20bt-test500.yaml
+    python eval/stability.py configs/experiments/eval-stability-mp20bt-test500.yaml
 
 Resumable: relaxation results go to `<output_dir>/stability.jsonl` (or `cache`) as they come. Writes `summary.json` and
 `summary.md`; with `known_column`, also the agreement of E_hull with that column of the input split.

@@ -2,7 +2,7 @@
 (crystal, element) pairs, the element hidden everywhere the text writes it; top-1 / top-3 recovery of each model
 against the element-frequency and data-mined baselines.
 
-    python eval/substitution.py configs/eval-substitution-recovery.yaml
+    python eval/substitution.py configs/experiments/eval-substitution-recovery.yaml
 
 Writes `<output_dir>/summary.json` and `summary.md`.
 """

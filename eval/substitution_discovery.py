@@ -2,9 +2,9 @@
 the model's best charge-neutral substitution (`rank_substitutions`, top 1) is written as a CIF, then the collection
 goes through the stability protocol (CHGNet relaxation, E_hull on the approximate hull) with novelty against the
 pretraining corpus: its stable, novel and S.U.N. shares, to set beside de novo samples scored the same way
-(configs/eval-stability-floor-200.yaml).
+(configs/experiments/eval-stability-floor-200.yaml).
 
-    python eval/substitution_discovery.py configs/eval-substitution-discovery.yaml
+    python eval/substitution_discovery.py configs/experiments/eval-substitution-discovery.yaml
 
 Writes `<output_dir>/candidates/` (one CIF per pair), `candidates.csv`, `stability.jsonl` (resumable),
 `summary.json` and `summary.md`.

@@ -1,7 +1,7 @@
 """Stage: compare model sizes (and augmentation) at equal wall time: several pretraining runs at once, each given
 the steps that fit the config's time budget (`crystallm.training.sweep`).
 
-    python train/pretrain_sweep.py configs/pretrain-sweep-tiny.yaml
+    python train/pretrain_sweep.py configs/experiments/pretrain-sweep-tiny.yaml
 """
 
 from crystallm.stage_config import read_stage_config
