@@ -18,6 +18,6 @@ AutoTokenizer.register(CrystaLLMConfig, tokenizer_class=CrystaLLMTokenizer, exis
 AutoModelForCausalLM.register(CrystaLLMConfig, CrystaLLMForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
-__all__ = ["CrystaLLMConfig", "CrystaLLMForCausalLM", "CrystaLLMTokenizer", "CrystaLLMInputError", "InvalidStructureError",
-           "MalformedCIFError", "MalformedTextError", "parse_structure", "serialize_structure",
+__all__ = ["CrystaLLMConfig", "CrystaLLMForCausalLM", "CrystaLLMTokenizer", "CrystaLLMInputError",
+           "InvalidStructureError", "MalformedCIFError", "MalformedTextError", "parse_structure", "serialize_structure",
            "structure_from_cif", "structure_to_cif"]

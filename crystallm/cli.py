@@ -220,7 +220,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif pattern:
         print(f"the model in {loaded_from(model)} has no {PATTERN_ADAPTER} adapter: generating from the prompt "
               f"alone; the pattern fits each structure's cell and ranks them")
-    prompt.grammar(tokenizer, sampling.max_atoms, model.config.n_positions)  # an impossible prompt fails before any write
+    # an impossible prompt fails before any write
+    prompt.grammar(tokenizer, sampling.max_atoms, model.config.n_positions)
     run = {"model": str(args.model or "default"), "adapter": args.adapter, "prompt": prompt.describe(),
            "num": args.num}
     if shard != (0, 1):  # each shard is a folder of its own, with its own journal and resume
@@ -385,7 +386,8 @@ def _number(kind: type, low: float, low_open: bool = False, high: float | None =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text}: expected {what}")
         return value
     return parse

@@ -213,7 +213,8 @@ def run_design(model, tokenizer, plan: DesignPlan, out: str | Path, progress: bo
         (out / row["cif"]).write_text(cif.structure_to_cif(relaxed_structure))
     reports.write_csv([{"rank": r.pop("rank"), **r} for r in shortlist], out / "shortlist.csv")
     funnel_report = {"funnel": funnel, "targets": [vars(t) for t in plan.targets], "elements": plan.elements,
-                     "guidance": plan.sampling.guidance, "e_hull_max": plan.e_hull_max, "score": __doc__.split("\n\n")[2]}
+                     "guidance": plan.sampling.guidance, "e_hull_max": plan.e_hull_max,
+                     "score": __doc__.split("\n\n")[2]}
     reports.write_json(funnel_report, out / "funnel.json")
     _write_report(out, funnel_report, rows, shortlist, plan)
     return funnel
@@ -245,8 +246,8 @@ def _write_report(out: Path, funnel_report: dict, rows: list[dict], shortlist: l
     plt.close(figure)
     wanted = ", ".join(f"{t.property_name} = {t.value} ± {t.tolerance}" for t in plan.targets)
     lines = ["# crystallm design", "", f"Targets: {wanted}"
-             f"; elements: {'-'.join(plan.elements) or 'any'}; guidance {plan.sampling.guidance}; E_hull < {plan.e_hull_max} "
-             f"eV/atom.", "", "| stage | candidates |", "|---|---|"]
+             f"; elements: {'-'.join(plan.elements) or 'any'}; guidance {plan.sampling.guidance}; "
+             f"E_hull < {plan.e_hull_max} eV/atom.", "", "| stage | candidates |", "|---|---|"]
     lines += [f"| {stage} | {count} |" for stage, count in funnel.items()]
     lines += ["", "![funnel](funnel.png) ![property vs E_hull](property_vs_e_hull.png)", "",
               f"Score: {funnel_report['score']}", "", "## Shortlist", ""]

@@ -7,9 +7,9 @@ from peft import PeftModel
 from crystallm import cli
 from crystallm.adapters import available_adapters, use_adapter
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
-from crystallm.generation.settings import SamplingSettings
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import load_model
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -36,7 +36,8 @@ def test_an_adapter_trains_on_a_frozen_base_saves_by_name_and_leaves_the_base_un
 @pytest.mark.slow
 def test_adapters_switch_by_name_on_one_base_and_unconditioned_samples_stay_the_base_models(model_with_adapters):
     model, tokenizer = load_generator(model_with_adapters, device="cpu")
-    base_texts = [s.text for s in generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, max_atoms=24))]
+    base_texts = [s.text for s in generate_structures(model, tokenizer, num=4,
+                                                      settings=SamplingSettings(batch_size=2, max_atoms=24))]
     ids = tokenizer(["<prop_1><value_16>data_GaAs"], return_tensors="pt")["input_ids"]
 
     model = use_adapter(model, "band_gap")
@@ -49,7 +50,8 @@ def test_adapters_switch_by_name_on_one_base_and_unconditioned_samples_stay_the_
     model = use_adapter(model, "band_gap")  # switching back is set_adapter: the same function as before
     assert torch.equal(model(ids).logits, band_gap_logits)
     # With adapters loaded, prompts without a condition still sample the base model, token for token.
-    assert [s.text for s in generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, max_atoms=24))] == base_texts
+    assert [s.text for s in generate_structures(model, tokenizer, num=4,
+                                                settings=SamplingSettings(batch_size=2, max_atoms=24))] == base_texts
 
 
 @pytest.mark.slow
@@ -59,14 +61,17 @@ def test_conditioned_generation_with_and_without_guidance(model_with_adapters):
     with pytest.raises(CrystaLLMInputError, match="no adapter active"):
         list(generate_structures(model, tokenizer, prompt, num=2, settings=SamplingSettings(max_atoms=24)))
     model = use_adapter(model, "band_gap")
-    plain = list(generate_structures(model, tokenizer, prompt, num=4, settings=SamplingSettings(batch_size=2, max_atoms=24)))
-    guided = list(generate_structures(model, tokenizer, prompt, num=4, settings=SamplingSettings(batch_size=2, max_atoms=24, guidance=3.0)))
+    plain = list(generate_structures(model, tokenizer, prompt, num=4,
+                                     settings=SamplingSettings(batch_size=2, max_atoms=24)))
+    guided = list(generate_structures(model, tokenizer, prompt, num=4,
+                                      settings=SamplingSettings(batch_size=2, max_atoms=24, guidance=3.0)))
     for sample in plain + guided:  # the condition is in the prompt, not in the text; every text parses
         assert sample.error == "" and sample.text.startswith("data_")
         text_format.parse_structure(sample.text)
     assert [s.text for s in plain] != [s.text for s in guided]  # guidance changes what is sampled
     with pytest.raises(CrystaLLMInputError, match="condition on formation_energy_per_atom"):
-        list(generate_structures(model, tokenizer, Prompt.of(property_name="formation_energy_per_atom", target=-1.0), num=2, settings=SamplingSettings(max_atoms=24)))
+        list(generate_structures(model, tokenizer, Prompt.of(property_name="formation_energy_per_atom", target=-1.0),
+                                 num=2, settings=SamplingSettings(max_atoms=24)))
     with pytest.raises(CrystaLLMInputError, match="guidance needs a property target"):
         list(generate_structures(model, tokenizer, num=2, settings=SamplingSettings(max_atoms=24, guidance=2.0)))
 

@@ -24,9 +24,9 @@ from crystallm.diffraction.patterns import (
     rank_by_agreement,
 )
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.settings import SamplingSettings
 from crystallm.generation.prompt import Prompt, csp_prompts
 from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io.cif import structure_from_cif
 
 
@@ -139,7 +139,8 @@ def test_pattern_adapter_round_trip_and_generation(model_with_pattern_adapter, t
     # The same tokens in both rows: any difference is the pattern's (deterministic; untrained, so small).
     assert (again[0] - again[1]).abs().max() > 0
     pattern = PowderPattern(GRID, profiles[0].astype(float), "first.xy")
-    samples = list(generate_structures(fresh, tokenizer, Prompt.of(formula="NaCl").with_pattern(pattern), num=2, settings=SamplingSettings(batch_size=2, max_atoms=8)))
+    samples = list(generate_structures(fresh, tokenizer, Prompt.of(formula="NaCl").with_pattern(pattern), num=2,
+                                       settings=SamplingSettings(batch_size=2, max_atoms=8)))
     assert all(s.structure.composition.reduced_formula == "NaCl" for s in samples)
     with pytest.raises(CrystaLLMInputError, match="the prompts condition on xrd"):
         list(generate_structures(use_adapter(fresh, "band_gap"), tokenizer,

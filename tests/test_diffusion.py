@@ -5,7 +5,6 @@ import torch
 from crystallm import data, symmetry
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.settings import SamplingSettings
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.refinement import (
     CrystalGeometry,
@@ -15,6 +14,7 @@ from crystallm.generation.refinement import (
     site_hidden_states,
 )
 from crystallm.generation.sampling import generate_structures
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -113,7 +113,8 @@ def test_a_head_switched_off_by_default_refines_only_when_asked(tokenizer):
     model = CrystaLLMForCausalLM(config).eval()
     settings = SamplingSettings(batch_size=2, seed=0, max_atoms=12)
     assert all(s.final_text == "" for s in generate_structures(model, tokenizer, num=2, settings=settings))
-    assert all(s.final_text for s in generate_structures(model, tokenizer, num=2, settings=settings.replace(refine=True)))
+    assert all(s.final_text for s in generate_structures(model, tokenizer, num=2,
+                                                         settings=settings.replace(refine=True)))
 
 
 def test_refine_needs_a_head(tokenizer):

@@ -13,11 +13,11 @@ from pymatgen.core import Composition, Structure
 from crystallm import cli
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError, CrystaLLMInputError
-from crystallm.generation.settings import SamplingSettings
 from crystallm.generation import run_folder
 from crystallm.generation.prompt import Prompt, reduced_formula
 from crystallm.generation.run_folder import GenerationFolder
 from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -61,7 +61,8 @@ def test_every_sample_parses_fits_the_context_and_obeys_its_prompt(tiny):
     prompts = [Prompt(), Prompt.of(formula="LiFePO4"), Prompt.of(space_group="P6_3/mmc"),
                Prompt.of(chemical_system="Ba-Ti-O"), Prompt.of(formula="SrTiO3", space_group="Pm-3m"),
                Prompt.of(space_group="P-1")] * 3  # P-1: the grammar keeps triclinic angles a real cell
-    samples = list(generate_structures(model, tokenizer, prompts, settings=SamplingSettings(batch_size=6, seed=3, max_atoms=40)))
+    samples = list(generate_structures(model, tokenizer, prompts,
+                                       settings=SamplingSettings(batch_size=6, seed=3, max_atoms=40)))
     assert [s.index for s in samples] == list(range(18))
     for sample in samples:
         assert sample.error == "" and sample.structure is not None, sample.text
@@ -83,15 +84,18 @@ def test_a_short_context_bounds_the_rows_and_every_text_still_parses(tokenizer=N
     torch.manual_seed(1)
     model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
                                                  n_positions=96)).eval()
-    samples = list(generate_structures(model, tokenizer, num=12, settings=SamplingSettings(batch_size=12, seed=0, max_atoms=160)))
+    samples = list(generate_structures(model, tokenizer, num=12,
+                                       settings=SamplingSettings(batch_size=12, seed=0, max_atoms=160)))
     assert all(s.structure is not None for s in samples)
     assert max(len(tokenizer(s.text)["input_ids"]) for s in samples) < 96
 
 
 def test_samples_are_reproducible_and_a_resumed_run_continues_them(tiny):
     model, tokenizer = tiny
-    full = [s.text for s in generate_structures(model, tokenizer, num=6, settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
-    resumed = [s.text for s in generate_structures(model, tokenizer, num=6, start=4, settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
+    full = [s.text for s in generate_structures(model, tokenizer, num=6,
+                                                settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
+    resumed = [s.text for s in generate_structures(model, tokenizer, num=6, start=4,
+                                                   settings=SamplingSettings(batch_size=2, seed=5, max_atoms=24))]
     assert resumed == full[4:]
     assert len(set(full)) > 1
 
@@ -246,7 +250,8 @@ def test_an_unwritable_out_is_one_line_and_a_nonzero_exit(tiny_model_dir, tmp_pa
 
 def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_write(tiny, tmp_path):
     model, tokenizer = tiny
-    samples = list(generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
+    samples = list(generate_structures(model, tokenizer, num=4,
+                                       settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
     folder = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4})
     folder.write(samples[:2])
     with open(tmp_path / "samples.jsonl", "a") as journal:
@@ -265,7 +270,8 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
     from crystallm.errors import OutputWriteError
 
     model, tokenizer = tiny
-    samples = list(generate_structures(model, tokenizer, num=4, settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
+    samples = list(generate_structures(model, tokenizer, num=4,
+                                       settings=SamplingSettings(batch_size=2, seed=0, max_atoms=24)))
     folder = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4})
     folder.write(samples[:2])
     before = (tmp_path / "cifs.zip").read_bytes()

@@ -6,11 +6,11 @@ from transformers import LogitsProcessorList
 from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.evaluation.validity import compositional_validity, structural_validity
-from crystallm.generation.settings import SamplingSettings
 from crystallm.generation.distances import DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import generate_structures
+from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
@@ -116,19 +116,23 @@ def test_coordinates_that_bring_an_orbit_too_close_are_masked(tokenizer):
 
 
 def test_every_structure_of_an_untrained_model_keeps_atoms_apart(untrained, tokenizer):
-    samples = list(generate_structures(untrained, tokenizer, num=48, settings=SamplingSettings(batch_size=16, seed=0, max_atoms=20)))
+    samples = list(generate_structures(untrained, tokenizer, num=48,
+                                       settings=SamplingSettings(batch_size=16, seed=0, max_atoms=20)))
     assert all(s.structure is not None and structural_validity(s.structure) for s in samples)
     assert all(s.fallbacks == 0 for s in samples)  # the few dead ends were drawn again
-    unguarded = list(generate_structures(untrained, tokenizer, num=48, settings=SamplingSettings(batch_size=16, seed=0, max_atoms=20, min_distance=0.0)))
+    settings = SamplingSettings(batch_size=16, seed=0, max_atoms=20, min_distance=0.0)
+    unguarded = list(generate_structures(untrained, tokenizer, num=48, settings=settings))
     assert sum(not structural_validity(s.structure) for s in unguarded) >= 3  # what the floor prevents
 
 
 def test_charge_neutral_formulas_when_asked(untrained, tokenizer):
     prompts = [Prompt.of(chemical_system=system) for system in ("Na-Cl", "Li-Fe-O", "Ba-Ti-O", "Ga-As")] * 4
-    samples = list(generate_structures(untrained, tokenizer, prompts, settings=SamplingSettings(batch_size=16, seed=0, max_atoms=24, charge_neutral=True)))
+    settings = SamplingSettings(batch_size=16, seed=0, max_atoms=24, charge_neutral=True)
+    samples = list(generate_structures(untrained, tokenizer, prompts, settings=settings))
     neutral = [compositional_validity(s.structure.composition) for s in samples]
     # A formula whose earlier counts leave no neutral ending (Ba4Ti4O_n within 24 atoms) is drawn again, and
     # kept with its fallback counted if every redraw ends the same way.
     assert all(ok or s.fallbacks for ok, s in zip(neutral, samples))
-    unguarded = list(generate_structures(untrained, tokenizer, prompts, settings=SamplingSettings(batch_size=16, seed=0, max_atoms=24)))
+    unguarded = list(generate_structures(untrained, tokenizer, prompts,
+                                         settings=SamplingSettings(batch_size=16, seed=0, max_atoms=24)))
     assert sum(neutral) >= sum(compositional_validity(s.structure.composition) for s in unguarded) + 4

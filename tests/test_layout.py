@@ -107,3 +107,16 @@ def test_imports_run_one_way_through_the_layers():
     upward = [f"{module} -> {target}" for module, targets in import_graph().items() if module != "crystallm"
               for target in targets if target != "crystallm" and _layer(target) > _layer(module)]
     assert upward == []
+
+
+def test_the_code_passes_ruff():
+    """The lint the README's test command runs, so CI lints (rules and line length in pyproject.toml)."""
+    import subprocess
+    import sys
+
+    root = Path(crystallm.__file__).resolve().parents[1]
+    folders = [name for name in ("crystallm", "tests", "train", "eval", "tokenizer", "scripts")
+               if (root / name).is_dir()]
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", *folders], cwd=root,
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr

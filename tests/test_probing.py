@@ -32,6 +32,7 @@ def test_probing_measures_on_a_tiny_model():
     # Among the texts of one formula the two measures are the same; among texts of distinct formulas there is
     # no group to measure within.
     one_formula = probes.retrieval(model, collator, max(by_formula.values(), key=len))
-    assert one_formula.texts_in_groups == len(max(by_formula.values(), key=len)) and one_formula.top1 == one_formula.top1_within_formula
+    assert one_formula.texts_in_groups == len(max(by_formula.values(), key=len))
+    assert one_formula.top1 == one_formula.top1_within_formula
     distinct = probes.retrieval(model, collator, texts[:64])
     assert distinct.texts_in_groups == 0 and np.isnan(distinct.top1_within_formula)

@@ -1,4 +1,5 @@
-"""Stage: train one property's LoRA adapter on the frozen base model (crystallm/generation/conditioning.py for the prompt).
+"""Stage: train one property's LoRA adapter on the frozen base model (crystallm/generation/conditioning.py for the
+prompt).
 
     python train/adapter.py configs/adapter-band_gap.yaml
 """

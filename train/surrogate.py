@@ -1,5 +1,5 @@
-"""Stage: fit the surrogate predictor of one property (crystallm/properties/surrogates.py) on the pretraining corpus rows that
-have it, and measure its MAE on a test split it never saw.
+"""Stage: fit the surrogate predictor of one property (crystallm/properties/surrogates.py) on the pretraining corpus
+rows that have it, and measure its MAE on a test split it never saw.
 
     python train/surrogate.py configs/surrogate-band_gap.yaml
 

@@ -120,7 +120,8 @@ def write_markdown(summary: dict, path: str | Path) -> None:
     Path(path).write_text("\n".join(lines + ["", markdown_table(summary), ""]))
 
 
-def write_plots(records: list[ScoredStructure], reference: list[ScoredStructure] | None, directory: str | Path) -> list[Path]:
+def write_plots(records: list[ScoredStructure], reference: list[ScoredStructure] | None,
+                directory: str | Path) -> list[Path]:
     """Space-group histogram, density and element-count distributions vs reference, validity breakdown."""
     import matplotlib
 

@@ -191,7 +191,8 @@ def measure_speed(model, tokenizer, num: int, settings: SamplingSettings = Sampl
     detected), and the samples drawn again for the distance floor, each run with its own seed.
 
     >>> model, tokenizer = load_generator()
-    >>> sorted(measure_speed(model, tokenizer, 2, SamplingSettings(batch_size=2), repeats=1))  # doctest: +NORMALIZE_WHITESPACE
+    >>> speed = measure_speed(model, tokenizer, 2, SamplingSettings(batch_size=2), repeats=1)
+    >>> sorted(speed)  # doctest: +NORMALIZE_WHITESPACE
     ['batch_size', 'end_to_end_structures_per_second', 'resampled', 'runs', 'structures_per_second',
      'tokens_per_second', 'tokens_per_structure']
     """

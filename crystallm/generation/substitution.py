@@ -60,9 +60,9 @@ def substitution_log_probabilities(model, tokenizer, text: str, element: str | N
 
     >>> from crystallm.generation.sampling import load_generator
     >>> model, tokenizer = load_generator()
-    >>> scores = substitution_log_probabilities(model, tokenizer, "data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n"
-    ...     "_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n" + text_format.LOOP_HEADER + "\\nNa 4a . . .\\nCl 4b . . .",
-    ...     element="Cl")
+    >>> text = ("data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n"
+    ...         + text_format.LOOP_HEADER + "\\nNa 4a . . .\\nCl 4b . . .")
+    >>> scores = substitution_log_probabilities(model, tokenizer, text, element="Cl")
     >>> len(scores), all(score < 0 for score in scores.values())
     (118, True)
     """

@@ -27,10 +27,10 @@ Condition = Callable[[object, object, list[int], int], tuple[list[str], contextl
 
 def train_adapter(settings: AdapterSettings) -> Path:
     """Train one PEFT LoRA adapter, named after its property, on a frozen base model (`settings`, from a
-    configs/adapter-*.yaml): causal LM on `<prop_i><value_k>` + text for the corpus rows that have the property, with the value dropped to
-    `<prop_none>` with probability `drop_probability` (for classifier-free guidance). The loss skips the
-    condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named adapter) with a
-    JSON log.
+    configs/adapter-*.yaml): causal LM on `<prop_i><value_k>` + text for the corpus rows that have the property,
+    with the value dropped to `<prop_none>` with probability `drop_probability` (for classifier-free guidance).
+    The loss skips the condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named
+    adapter) with a JSON log and its settings.
     """
     from crystallm.data import labelled_texts
     from crystallm.generation.conditioning import condition_prefix

@@ -6,9 +6,10 @@ trained module and its optimizer, the loss from the model's `forward`, `accelera
 main process.
 
 The loop runs unchanged on CPU, one GPU or several (`accelerate launch`, CPU processes too; several processes of
-batch B train exactly as one of batch n x B): bf16 autocast where available, gradient accumulation, cosine schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly
-(the batch order of each epoch and every random draw of the collator depend only on the seed, the epoch and the
-batch's content, so a resumed run sees the same batches and masks as an uninterrupted one). The log is JSON lines.
+batch B train exactly as one of batch n x B): bf16 autocast where available, gradient accumulation, cosine
+schedule, periodic held-out loss, a CSV log, and checkpoints that resume exactly (the batch order of each epoch
+and every random draw of the collator depend only on the seed, the epoch and the batch's content, so a resumed run
+sees the same batches and masks as an uninterrupted one). The log is JSON lines.
 """
 
 from __future__ import annotations
