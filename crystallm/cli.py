@@ -117,9 +117,10 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a collection of structures and print/write the set-level metrics."""
+    from crystallm.data import read_ids
     from crystallm.evaluation import reports
     from crystallm.evaluation.batch import EvaluationOptions, StabilityTask, evaluate
-    from crystallm.evaluation.csp import CSPTask, read_ids
+    from crystallm.evaluation.csp import CSPTask
     from crystallm.evaluation.relaxation import RelaxationSettings
 
     options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,

@@ -1,7 +1,7 @@
 """The datasets of ../shared/data through HF `datasets`: sources, benchmark splits, the pretraining corpus.
 
 Every source loads as a `datasets.Dataset` with columns `id`, `source`, `cif` and its property
-columns (units in `PROPERTY_UNITS`). The pretraining corpus (DESIGN.md section 3) is every source
+columns (units in `PROPERTY_UNITS`). The pretraining corpus (docs/architecture.md) is every source
 except the test splits, serialized, deduplicated and passed through the leakage guard.
 """
 
@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
+from crystallm.errors import CrystaLLMInputError
 from crystallm.io import text_format
 
 PROPERTY_UNITS = {
@@ -76,7 +77,7 @@ SOURCES: dict[str, Source] = {source.name: source for source in [
       for prop in _AFLOW for split in ("train", "val", "test")),
 ]}
 
-# DESIGN.md section 3: the benchmark splits are ours (the full MP-20 train split is not available here).
+# docs/architecture.md: the benchmark splits are ours (the full MP-20 train split is not available here).
 BENCHMARKS: dict[str, dict[str, tuple[str, ...]]] = {
     "mp20-bt": {"train": ("mp_20_biternary/val",), "test": ("mp_20_biternary/test",)},
     "perov-5": {"train": ("perov_5_dev/train", "perov_5/val"), "test": ("perov_5/test",)},
@@ -140,7 +141,7 @@ def load_source(name: str) -> datasets.Dataset:
 
 
 def load_split(benchmark: str, split: str) -> datasets.Dataset:
-    """A benchmark split of DESIGN.md section 3, e.g. load_split("mp20-bt", "test").
+    """A benchmark split of docs/architecture.md, e.g. load_split("mp20-bt", "test").
 
     >>> load_split("mp20-bt", "train").num_rows
     7140
@@ -274,7 +275,7 @@ def holdout_ids() -> frozenset[str]:
     >>> "mp-1172828" in holdout_ids(), len(holdout_ids())
     (True, 708)
     """
-    return frozenset((data_dir() / HOLDOUT_IDS).read_text().split())
+    return frozenset(read_ids(data_dir() / HOLDOUT_IDS))
 
 
 def _structure_leaks(candidates: list[tuple[str, str, str]], by_key: dict[LeakageKey, list[tuple[str, str]]],
@@ -408,6 +409,25 @@ def load_texts(path: str | Path, max_rows: int | None = None) -> datasets.Datase
     """
     texts = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
     return texts.select(range(min(len(texts), int(max_rows)))) if max_rows else texts
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Ids of a fixed benchmark subset or any id list, one a line (`../shared/benchmarks/*.txt`). A file that
+    cannot be read, is not UTF-8 text or holds no id raises CrystaLLMInputError naming it.
+
+    >>> read_ids(data_dir() / HOLDOUT_IDS)[:2]
+    ['mp-1172828', 'mp-1172857']
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CrystaLLMInputError(f"{path}: not a UTF-8 text file of ids (one a line)") from None
+    except OSError as error:
+        raise CrystaLLMInputError(f"{path}: cannot read the ids ({error.strerror or error})") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise CrystaLLMInputError(f"{path}: holds no ids (one a line)")
+    return ids
 
 
 def sample_texts(path: str | Path, source: str, rows: int, seed: int = 0) -> list[str]:

@@ -4,7 +4,7 @@ Candidates come from each target's property adapter with classifier-free guidanc
 targets), then pass a funnel, counted at every stage: parsed -> valid (structural and compositional) -> unique
 (StructureMatcher, across all candidates) -> novel (matching no structure of the model's training corpus) ->
 within tolerance of every target by the surrogate predictors shipped with the model -> relaxed by CHGNet with
-E_hull under a threshold (the approximate hull of `crystallm.metrics.stability`).
+E_hull under a threshold (the approximate hull of `crystallm.evaluation.hull`).
 
 Ranking score (lower is better), documented in every report: the mean over the targets of
 |predicted - target| / tolerance, plus max(E_hull, 0) / the E_hull threshold, plus 0.5 for a structure spglib
@@ -30,7 +30,6 @@ from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import matching, reports
 from crystallm.evaluation.reference import ReferenceSet
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records
-from crystallm.evaluation.validity import compositional_validity
 from crystallm.generation.conditioning import check_target
 from crystallm.generation.prompt import Prompt, parse_chemical_system
 from crystallm.generation.run_folder import GenerationFolder, generate_into
@@ -38,6 +37,7 @@ from crystallm.generation.settings import SamplingSettings
 from crystallm.io import cif
 from crystallm.model_folder import TRAINING_CORPUS, loaded_from
 from crystallm.properties.surrogates import load_surrogate
+from crystallm.validity import compositional_validity
 
 DEFAULT_TOLERANCES = {"band_gap": 0.5, "formation_energy_per_atom": 0.25, "e_above_hull": 0.05,
                       "bulk_modulus": 20.0, "shear_modulus": 15.0}  # the conditional benchmark's, where it has one

@@ -19,7 +19,7 @@ from pyxtal.symmetry import Group, pyxtal_hall_numbers
 from crystallm.errors import InvalidStructureError, WyckoffLocationError
 
 DEFAULT_SYMPREC = 0.1
-"""Distance tolerance (Å) for symmetry detection; DESIGN.md's benchmarks use 0.1 and 0.01."""
+"""Distance tolerance (Å) for symmetry detection; the benchmark protocols (docs/architecture.md) use 0.1 and 0.01."""
 DEFAULT_ANGLE_TOLERANCE = -1.0
 """spglib's default: the lattice is checked with the distance tolerance. (pymatgen's 5 degrees idealizes
 noisy cells so far that the structure no longer matches the original.)"""

@@ -1,6 +1,6 @@
 """The crystallm tokenizer: one token per lexeme of the text format, built with HF `tokenizers`.
 
-The vocabulary and the pre-tokenizer regex come from `crystallm.serialization`, so the tokenizer
+The vocabulary and the pre-tokenizer regex come from `crystallm.io.text_format`, so the tokenizer
 cannot drift from the format. Each lexeme carries the whitespace before it (``"\\nGa"``, ``" 0.18"``),
 so decoding is plain concatenation and ``decode(encode(text)) == text`` exactly.
 """

@@ -1,4 +1,4 @@
-"""Stage: crystal structure prediction on a fixed subset (DESIGN.md section 5): generate `attempts` structures
+"""Stage: crystal structure prediction on a fixed subset (docs/architecture.md): generate `attempts` structures
 for each target formula, then match them to the targets.
 
     python eval/csp.py configs/experiments/eval-mp20bt-csp200-default.yaml
@@ -41,7 +41,7 @@ def main() -> None:
     ids_file = config["ids"]
     if config.get("count"):  # the first `count` ids of the list (written beside the results, which name it)
         ids_file = out / "ids.txt"
-        ids_file.write_text("\n".join(csp.read_ids(config["ids"])[: int(config["count"])]) + "\n")
+        ids_file.write_text("\n".join(data.read_ids(config["ids"])[: int(config["count"])]) + "\n")
     pattern = config.get("pattern")  # clean or degraded: the targets' powder patterns go into the prompts
     prompts, names = prompt.csp_prompts(config["targets"], ids_file, attempts, pattern, config.get("seed", 0))
     given = {csp.csp_targets(name): np.array(p.pattern) for name, p in zip(names, prompts)} if pattern else {}
@@ -65,7 +65,7 @@ def main() -> None:
     if config.get("fit_lattice"):
         split = data.load_split(*config["targets"].split("/"))
         cif_of = dict(zip(split["id"], split["cif"]))
-        targets = {i: structure_from_cif(cif_of[i], i) for i in csp.read_ids(ids_file)}
+        targets = {i: structure_from_cif(cif_of[i], i) for i in data.read_ids(ids_file)}
         attempted, before_fit = csp.fit_attempts(attempted, given, targets)
         write_cif_zip(out / "fitted.zip", dict(attempted))
         scored, suffix = out / "fitted.zip", ".cif"  # entries of a zip are named after their files

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import csp, reports
+from crystallm.evaluation import reports
 from crystallm.generation.refinement import denoising_errors
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
@@ -38,7 +38,7 @@ def plot(errors: list[dict], path: Path) -> None:
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
-    wanted = csp.read_ids(config["ids"])[: int(config["count"])]
+    wanted = data.read_ids(config["ids"])[: int(config["count"])]
     texts = data.load_texts(config["texts"])
     by_id = {i: t for i, t, s in zip(texts["id"], texts["text"], texts["source"]) if s == config["source"]}
     crystals = [text_format.read_crystal_text(by_id[i]) for i in wanted if i in by_id]

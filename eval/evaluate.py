@@ -1,4 +1,4 @@
-"""Stage: one benchmark protocol of DESIGN.md section 5 (de novo or CSP), from a YAML config.
+"""Stage: one benchmark protocol of docs/architecture.md (de novo or CSP), from a YAML config.
 
     python eval/evaluate.py configs/experiments/eval-mp20bt-test-self.yaml
 

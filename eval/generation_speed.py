@@ -1,4 +1,4 @@
-"""Stage: generation speed of a model (DESIGN.md section 5, Speed): structures/s and tokens/s at each batch
+"""Stage: generation speed of a model (docs/architecture.md, Speed): structures/s and tokens/s at each batch
 size, the median of several runs.
 
     python eval/generation_speed.py configs/experiments/eval-generation-speed-default.yaml

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.evaluation.validity import structural_validity
 from crystallm.generation.sampling import generate_structures
 from crystallm.generation.settings import SamplingSettings
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.stage_config import read_stage_config
 from crystallm.tokenization import CrystaLLMTokenizer
+from crystallm.validity import structural_validity
 
 
 def main() -> None:

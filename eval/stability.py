@@ -1,4 +1,4 @@
-"""Stage: the stability protocol (DESIGN.md section 5) on a collection: CHGNet relaxation of every structurally
+"""Stage: the stability protocol (docs/architecture.md) on a collection: CHGNet relaxation of every structurally
 valid structure, E_hull against the approximate hull, RMSD and S.U.N. (crystallm/evaluation/relaxation.py).
 
     python eval/stability.py configs/experiments/eval-stability-mp20bt-test500.yaml
@@ -10,7 +10,7 @@ Resumable: relaxation results go to `<output_dir>/stability.jsonl` (or `cache`) 
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, csp, reports
+from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, reports
 from crystallm.evaluation.relaxation import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
 from crystallm.stage_config import read_stage_config
 
@@ -18,7 +18,7 @@ from crystallm.stage_config import read_stage_config
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
-    ids = csp.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
+    ids = data.read_ids(config["ids"])[: config.get("count")] if config.get("ids") else None
     settings = RelaxationSettings(**config.get("relaxation", {}))
     options = EvaluationOptions(ids=tuple(ids) if ids else None, limit=config.get("limit"),
                                 num_proc=config.get("num_proc"), ray=config.get("ray"))

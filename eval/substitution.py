@@ -1,4 +1,4 @@
-"""Stage: masked-element recovery on mp20-bt test (DESIGN.md section 5, Substitution): a seeded sample of
+"""Stage: masked-element recovery on mp20-bt test (docs/architecture.md, Substitution): a seeded sample of
 (crystal, element) pairs, the element hidden everywhere the text writes it; top-1 / top-3 recovery of each model
 against the element-frequency and data-mined baselines.
 

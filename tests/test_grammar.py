@@ -5,7 +5,6 @@ from transformers import LogitsProcessorList
 
 from crystallm import data
 from crystallm.configuration import CrystaLLMConfig
-from crystallm.evaluation.validity import compositional_validity, structural_validity
 from crystallm.generation.distances import DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
@@ -14,6 +13,7 @@ from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
 from crystallm.tokenization import CrystaLLMTokenizer
+from crystallm.validity import compositional_validity, structural_validity
 
 
 @pytest.fixture(scope="module")

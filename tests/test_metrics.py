@@ -7,15 +7,15 @@ import pytest
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
-from crystallm import data
-from crystallm.evaluation import distribution, matching, symmetry_stats, validity
+from crystallm import data, validity
+from crystallm.evaluation import distribution, matching, symmetry_stats
 from crystallm.evaluation.readers import Entry
 from crystallm.evaluation.reference import ReferenceSet
 from crystallm.io.cif import structure_from_cif
 
 
 def test_compositional_validity_known_answer():
-    """DESIGN.md: the mp20-bt test split scores compositional validity 0.916 (SMACT, CDVAE's definition)."""
+    """docs/architecture.md: the mp20-bt test split scores compositional validity 0.916 (SMACT, CDVAE's definition)."""
     with gzip.open(data.data_dir() / "mp_20_biternary/test.csv.gz", "rt") as handle:
         formulas = [re.search(r"_chemical_formula_sum\s+'?([^'\n]+)'?", row["cif"]).group(1)
                     for row in csv.DictReader(handle)]

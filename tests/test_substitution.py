@@ -10,12 +10,12 @@ from crystallm import data
 from crystallm.cli import main
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation.substitution import RecoveryTask, data_mined_scores, frequency_scores, rank_of, recovery_tasks
-from crystallm.evaluation.validity import compositional_validity
 from crystallm.generation.sampling import load_generator
 from crystallm.generation.substitution import rank_substitutions
 from crystallm.io import text_format
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.collator import PretrainingCollator
+from crystallm.validity import compositional_validity
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Evaluating structures (DESIGN.md section 5): readers of collections, one `ScoredStructure` per entry,
+"""Evaluating structures (docs/architecture.md): readers of collections, one `ScoredStructure` per entry,
 validity, matching (uniqueness, novelty, CSP), distribution distances and coverage, CHGNet relaxation on an
 approximate hull, and the reports. Nothing here needs a language model.
 

@@ -1,4 +1,4 @@
-"""Batch evaluation (DESIGN.md section 5): read any collection, score each structure in worker processes,
+"""Batch evaluation (docs/architecture.md): read any collection, score each structure in worker processes,
 then the set-level metrics, with novelty against a reference, distribution distances and coverage against a test
 set, CSP match rates and CHGNet stability where asked. `crystallm evaluate` and the eval/ stages call `evaluate`.
 """
@@ -12,9 +12,10 @@ import json
 import time
 from pathlib import Path
 
+from crystallm.data import read_ids
 from crystallm.errors import CrystaLLMInputError
-from crystallm.evaluation import distribution, reports
-from crystallm.evaluation.csp import CSPTask, evaluate_csp, read_ids
+from crystallm.evaluation import distribution, plots
+from crystallm.evaluation.csp import CSPTask, evaluate_csp
 from crystallm.evaluation.readers import iter_entries
 from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
@@ -141,7 +142,7 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
     if options.plots:
-        reports.write_plots(records, test_records or (collection(reference) if reference else None), options.plots)
+        plots.write_plots(records, test_records or (collection(reference) if reference else None), options.plots)
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Crystal structure prediction (DESIGN.md section 5, CSP): predictions named '<id>' or '<id>__<attempt>' are
+"""Crystal structure prediction (docs/architecture.md, CSP): predictions named '<id>' or '<id>__<attempt>' are
 matched against their targets with StructureMatcher; match rate and mean RMS at n attempts."""
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ def csp_targets(name: str) -> str:
     ('mp-1234', 'mp-1234')
     """
     return name.split("__")[0]
-
-
-def read_ids(path: str | Path) -> list[str]:
-    """Ids of a fixed benchmark subset, one a line (`../shared/benchmarks/*.txt`)."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure], attempts: tuple[int, ...] = (1, 20),

@@ -9,7 +9,7 @@ from pymatgen.core import Structure
 from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
-MP20_COVERAGE_CUTOFFS = {"structure": 0.4, "composition": 10.0}  # DESIGN.md section 5, as CDVAE
+MP20_COVERAGE_CUTOFFS = {"structure": 0.4, "composition": 10.0}  # docs/architecture.md, as CDVAE
 
 
 def wasserstein_distances(densities: list[float], element_counts: list[int], reference_densities: list[float],

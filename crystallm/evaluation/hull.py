@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pymatgen.core import Composition, Structure
 
-STABLE_E_HULL = 0.1  # eV/atom: the S.U.N. threshold of DESIGN.md
+STABLE_E_HULL = 0.1  # eV/atom: the S.U.N. threshold (docs/architecture.md)
 
 
 HULL_SOURCES = ("mp_20_biternary/val", "mp_20_biternary/test", "mp_20_subset_slices/all", "mpts_52/val",

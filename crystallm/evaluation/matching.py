@@ -17,7 +17,7 @@ from pymatgen.core import Structure
 
 from crystallm.evaluation.pools import ordered_map
 
-CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # DESIGN.md section 5
+CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # docs/architecture.md
 
 
 def match_key(structure: Structure) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""Stability (DESIGN.md section 5): CHGNet relaxation, MP2020-corrected energies, energy above an approximate
+"""Stability (docs/architecture.md): CHGNet relaxation, MP2020-corrected energies, energy above an approximate
 convex hull, RMSD between generated and relaxed structure, and the S.U.N. rate.
 
 Every approximation is written into each result (`APPROXIMATIONS`):

@@ -1,4 +1,4 @@
-"""Scoring structures (DESIGN.md section 5): each entry of a collection becomes one `ScoredStructure` (its
+"""Scoring structures (docs/architecture.md): each entry of a collection becomes one `ScoredStructure` (its
 structure, validity, symmetry and self-consistency, or the reason it could not be scored), in worker processes;
 `summarize` turns the records into the set-level metrics. Used by `crystallm evaluate`, the generate folder and
 the eval/ stages.
@@ -15,9 +15,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from pymatgen.core import Structure
 
-from crystallm import symmetry
+from crystallm import symmetry, validity
 from crystallm.errors import CrystaLLMInputError
-from crystallm.evaluation import distribution, matching, symmetry_stats, validity
+from crystallm.evaluation import distribution, matching, symmetry_stats
 from crystallm.evaluation.pools import ordered_map
 from crystallm.evaluation.readers import Entry
 from crystallm.io import cif, text_format

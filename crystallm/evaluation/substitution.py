@@ -1,4 +1,4 @@
-"""Masked-element recovery (DESIGN.md section 5, Substitution): hide one element of a test crystal everywhere it
+"""Masked-element recovery (docs/architecture.md, Substitution): hide one element of a test crystal everywhere it
 is written, rank the elements the crystal does not already hold, and count how often the hidden one comes first
 or in the first three. Two baselines rank the same candidates without a model:
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-# Structural validity (DESIGN.md section 5): every periodic pair distance at least 0.5 Å.
+# Structural validity (docs/architecture.md): every periodic pair distance at least 0.5 Å.
 VALIDITY_DISTANCE = 0.5
 # The 27 neighbouring cells: with fractional differences wrapped into [-0.5, 0.5), the nearest image of a pair
 # lies among them for any cell the format writes (angles in [59, 121) degrees).

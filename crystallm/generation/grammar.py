@@ -1,6 +1,6 @@
 """Grammar-aware decoding: a LogitsProcessor that lets the model write only text that parses.
 
-Each sequence is followed by a small state machine over the format's tokens (`crystallm.serialization`):
+Each sequence is followed by a small state machine over the format's tokens (`crystallm.io.text_format`):
 the formula, a space group, a number of formula units Z that the group's Wyckoff multiplicities can fill, the
 free lattice parameters, the loop header, then atom-site rows whose element is forced (formula order), whose
 Wyckoff positions exist in the group and leave a count that can still be completed (a fixed position is used
@@ -79,7 +79,7 @@ def _charge_neutral(formula: tuple[tuple[str, int], ...]) -> bool:
     """SMACT's charge-neutrality and electronegativity test (compositional validity) of a formula."""
     from pymatgen.core import Composition
 
-    from crystallm.evaluation.validity import compositional_validity
+    from crystallm.validity import compositional_validity
 
     return compositional_validity(Composition(dict(formula)))
 
@@ -195,7 +195,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
                                                            *text_format.LATTICE_TAGS)}
         self.data = vocab[text_format.DATA_PREFIX]
         self.loop = vocab["\n" + text_format.LOOP_HEADER]
-        # Padding, <bos> and a property condition before the text (crystallm.conditioning) are not the text's.
+        # Padding, <bos> and a property condition before the text (generation.conditioning) are not the text's.
         self.skip = {tokenizer.pad_token_id, tokenizer.bos_token_id,
                      *tokenizer.convert_tokens_to_ids([NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])}
         self.eos = tokenizer.eos_token_id

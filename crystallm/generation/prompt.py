@@ -14,7 +14,6 @@ from crystallm import data, symmetry
 from crystallm.diffraction.encoder import PATTERN_ADAPTER, pattern_prefix
 from crystallm.diffraction.patterns import GRID, Peaks, PowderPattern, degraded_profile
 from crystallm.errors import CrystaLLMInputError
-from crystallm.evaluation.csp import read_ids
 from crystallm.generation.conditioning import check_target, condition_prefix
 from crystallm.generation.distances import DistanceFloor
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
@@ -79,7 +78,7 @@ def parse_chemical_system(value: str) -> tuple[str, ...]:
 class Prompt:
     """What to generate. Empty: unconditional. `formula` (reduced, format order): crystal structure prediction.
     `space_group` and `elements` (a chemical system) are imposed by the grammar while the model writes.
-    `property_name` + `target`: a property condition before the text (`crystallm.conditioning`), for a model
+    `property_name` + `target`: a property condition before the text (`crystallm.generation.conditioning`), for a model
     with that property's adapter; `target` None is the unconditional branch of guidance. `pattern`: a powder
     profile on `diffraction.patterns.GRID` (`PowderPattern.to_profile`) before the text, for a model with the
     pattern adapter (`crystallm.diffraction.encoder`); `pattern_source` names it."""
@@ -197,7 +196,7 @@ def csp_prompts(split: str, ids_file: str | Path, attempts: int, pattern: str | 
     dataset = data.load_split(benchmark, part)
     cif_of = dict(zip(dataset["id"], dataset["cif"]))
     prompts, names = [], []
-    for place, target in enumerate(read_ids(ids_file)):
+    for place, target in enumerate(data.read_ids(ids_file)):
         if target not in cif_of:
             raise CrystaLLMInputError(f"{ids_file}: id {target!r} is not in {split}")
         structure = cif.structure_from_cif(cif_of[target], target)

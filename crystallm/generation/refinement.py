@@ -1,5 +1,5 @@
 """Running the refinement head (`crystallm.modeling.CrystalRefiner`): a denoiser of crystal geometry that moves
-what the language model wrote toward equilibrium (DESIGN.md sections 1 and 4).
+what the language model wrote toward equilibrium (docs/architecture.md).
 
 A crystal is its CrystalText: free lattice parameters and free Wyckoff parameters. Its atoms are an affine function
 of the Wyckoff parameters (each orbit member is `R_n (A p + t) + t_n`), so every move of the head is made in those

@@ -124,6 +124,6 @@ def rank_substitutions(model, tokenizer, structure: Structure | str, element: st
 
 
 def _neutral(composition: Composition) -> bool:
-    from crystallm.evaluation.validity import compositional_validity  # smact, only when asked
+    from crystallm.validity import compositional_validity  # smact, only when asked
 
     return compositional_validity(composition)

@@ -1,4 +1,4 @@
-"""The conditional benchmark (DESIGN.md section 5, Conditional): for each target of one property, samples from
+"""The conditional benchmark (docs/architecture.md, Conditional): for each target of one property, samples from
 the property's adapter without and with classifier-free guidance, and from the unconditioned base model, checked
 by the property's surrogate predictor (its held-out MAE reported beside every row).
 

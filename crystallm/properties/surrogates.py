@@ -1,4 +1,4 @@
-"""Surrogate property predictors: check what a property-conditioned generation produced (DESIGN.md section 5,
+"""Surrogate property predictors: check what a property-conditioned generation produced (docs/architecture.md,
 Conditional). Features are the pretrained model's mean-pooled embedding of a crystal's text; the regressor is
 whichever of a ridge regression and gradient-boosted trees has the lower MAE on a validation part of the
 training rows. Training rows are the pretraining corpus rows whose source has the property, never a test split;

@@ -1,4 +1,4 @@
-"""Validity as CDVAE defines it (DESIGN.md section 5), and CrystaLLM's self-consistency checks."""
+"""Validity as CDVAE defines it (docs/architecture.md), and CrystaLLM's self-consistency checks."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def structural_validity(structure: Structure, cutoff: float = MIN_DISTANCE) -> b
 def compositional_validity(composition: Composition | Structure) -> bool:
     """CDVAE's compositional validity through SMACT: charge neutrality with the Pauling electronegativity
     test; single elements and all-metal compositions pass. smact's default oxidation-state set (ICSD24)
-    reproduces DESIGN.md's known answer (0.916 on the mp20-bt test split; smact14 gives 0.897).
+    reproduces the known answer (docs/architecture.md) (0.916 on the mp20-bt test split; smact14 gives 0.897).
 
     >>> compositional_validity(Composition("NaCl")), compositional_validity(Composition("NaCl2"))
     (True, False)
