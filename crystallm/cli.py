@@ -178,6 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate crystals into an output folder (see `crystallm.generation.run_folder`), resumable, with a
     progress bar."""
     from crystallm.adapters import available_adapters, use_adapter
+    from crystallm.compute import bf16_pays
     from crystallm.diffraction.encoder import PATTERN_ADAPTER
     from crystallm.diffraction.patterns import PowderPattern
     from crystallm.evaluation import reports
@@ -186,13 +187,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.generation.sampling import load_generator
     from crystallm.generation.settings import DEFAULT_MAX_ATOMS, SamplingSettings
     from crystallm.model_folder import loaded_from
-    from crystallm.modeling import native_bf16
 
     sampling = SamplingSettings(seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, max_atoms=args.max_atoms or DEFAULT_MAX_ATOMS,
                                 guidance=args.guidance, min_distance=args.min_distance,
                                 charge_neutral=args.charge_neutral, refine=args.refine, symmetrize=args.symmetrize,
-                                bf16=not args.fp32 and native_bf16())  # every sampling option is checked here
+                                bf16=not args.fp32 and bf16_pays())  # every sampling option is checked here
     if (args.adapter is None) != (args.target is None):
         raise CrystaLLMInputError("--adapter and --target go together: the adapter of a property and its target "
                                   "value, e.g. --adapter band_gap --target 2.0")
@@ -408,6 +408,11 @@ def SHARD(text: str) -> tuple[int, int]:  # an argparse type, named like the oth
     return int(index), int(count)
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=POSITIVE, help="torch threads (default: the cores free to this process, "
+                        "so a busy neighbour is not fought over)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crystallm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -433,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym.set_defaults(run=cmd_symmetry)
 
     evaluate = commands.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, coverage, CSP")
+    _add_threads(evaluate)
     evaluate.add_argument("input", help="cifs.zip, a folder of CIFs, an extxyz, a CSV with a cif or text column, "
                                         "a `crystallm generate` output folder, or a split such as mp20-bt/test")
     evaluate.add_argument("--reference", help="training set for novelty (split such as mp20-bt/train, or a file)")
@@ -467,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     embed = commands.add_parser("embed", help="embedding vectors of structures; their nearest known materials")
+    _add_threads(embed)
     embed.add_argument("input", help="any collection `evaluate` reads (CIFs, a generate folder, a CSV, a split)")
     embed.add_argument("--out", required=True, help="the .safetensors file to write (names in its metadata)")
     embed.add_argument("--model", help="model folder or Hub id (default: the shipped model, or --nearest's model)")
@@ -476,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(run=cmd_embed)
 
     generate = commands.add_parser("generate", help="generate crystal structures (default: the shipped model)")
+    _add_threads(generate)
     generate.add_argument("--model", help="a model folder (save_pretrained) or Hub id; default: the shipped model")
     generate.add_argument("--num", type=POSITIVE, default=100, help="how many structures (default 100)")
     generate.add_argument("--formula", help="crystal structure prediction for this formula, e.g. LiFePO4")
@@ -531,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=cmd_merge)
 
     design = commands.add_parser("design", help="property targets -> screened, ranked shortlist of new crystals")
+    _add_threads(design)
     design.add_argument("--target", action="append", default=[], help="PROPERTY=VALUE[:TOLERANCE], e.g. "
                         "band_gap=2.0 (repeat for several properties; default tolerances 0.5 eV, 0.25 eV/atom)")
     design.add_argument("--elements", help="only compounds of exactly these elements, e.g. Li,Fe,P,O")
@@ -550,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     substitute = commands.add_parser("substitute", help="rank element substitutions of a known crystal "
                                      "(masked-atom pass), optionally relaxed by CHGNet")
+    _add_threads(substitute)
     substitute.add_argument("structure", type=Path, help="a CIF or a crystallm text file")
     which = substitute.add_mutually_exclusive_group(required=True)
     which.add_argument("--element", help="replace this element on every orbit it occupies")
@@ -594,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices, not the user's
         warnings.filterwarnings("ignore", message="No Pauling electronegativity")  # pymatgen, for noble gases
         try:
+            if hasattr(args, "threads"):
+                from crystallm.compute import use_threads
+
+                use_threads(args.threads)
             return args.run(args)
         except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line
             print(f"crystallm {args.command}: error: {error}", file=sys.stderr)

@@ -31,13 +31,6 @@ from crystallm.errors import CheckpointError
 MAX_ATOMIC_NUMBER = 103
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast makes generation 1.4-2.7x
-    faster; on others (AVX2 only) bf16 is emulated and a batch's forward pass 10-50x slower than fp32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
 # Frequencies of the log noise level's Fourier features (the head sees sigma from 0.005 to 1 Å).
 LEVEL_FREQUENCIES = torch.tensor([0.25, 0.5, 1.0, 2.0])
 

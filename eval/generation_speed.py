@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
+from crystallm.compute import bf16_pays
 from crystallm.generation.sampling import load_generator, measure_speed
 from crystallm.generation.settings import SamplingSettings
-from crystallm.modeling import native_bf16
 from crystallm.stage_config import read_stage_config
 
 
 def main() -> None:
     config = read_stage_config(__doc__)
     model, tokenizer = load_generator(config.get("model"))
-    bf16 = native_bf16() if config.get("bf16") is None else config["bf16"]
+    bf16 = bf16_pays() if config.get("bf16") is None else config["bf16"]
     summary = {"model": config.get("model") or "default", "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} torch threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
                "bf16": bf16, "results": []}

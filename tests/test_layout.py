@@ -10,7 +10,7 @@ PACKAGE = Path(crystallm.__file__).parent
 # From the bottom up; a module may import its own layer and those below it. Evaluation sits below generation:
 # the run folder scores structures as it writes them, and evaluation needs no model.
 LAYERS = [
-    {"errors", "symmetry", "validity", "stage_config"},
+    {"errors", "symmetry", "validity", "compute", "stage_config"},
     {"io"},
     {"tokenization", "configuration", "modeling", "model_folder", "adapters", "diffraction"},
     {"data"},

@@ -167,3 +167,23 @@ def test_relaxation_on_ray_gives_the_local_results_and_shares_the_cache(local_ra
     again = stability_records(structures, tmp_path / "ray.jsonl", settings, num_proc=1, progress=False, ray=local_ray)
     assert (tmp_path / "ray.jsonl").read_text() == lines and len(lines.splitlines()) == 3
     assert [r["energy_per_atom"] for r in again] == [r["energy_per_atom"] for r in remote]
+
+
+def test_threads_follow_the_free_cores_and_the_option(monkeypatch, tiny_model_dir, tmp_path):
+    import torch
+
+    from crystallm import cli, compute
+
+    allowed, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    monkeypatch.setattr(compute, "_others_running", lambda: 0)
+    assert compute.free_cores(samples=1) == allowed
+    monkeypatch.setattr(compute, "_others_running", lambda: allowed + 3)  # a busy machine: one thread still
+    assert compute.free_cores(samples=1) == 1
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--num", "2", "--max-atoms", "8", "--quiet",
+                     "--out", str(tmp_path / "one"), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(compute, "_others_running", lambda: 0)
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--num", "2", "--max-atoms", "8", "--quiet",
+                     "--out", str(tmp_path / "free")]) == 0
+    assert torch.get_num_threads() == allowed
+    torch.set_num_threads(before)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from crystallm import data
+from crystallm.compute import bf16_pays
 from crystallm.io.text_format import parse_structure
-from crystallm.modeling import native_bf16
 from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.collator import PretrainingCollator, epoch_batches
 from crystallm.training.pretrain import make_accelerator, pretrain
@@ -88,7 +88,7 @@ def test_epoch_batches_group_lengths_and_are_disjoint_across_processes():
 def test_training_falls_back_to_fp32_where_bf16_is_emulated():
     # Emulated bf16 (AVX2-only CPUs) trains about 27x slower than fp32; native bf16 keeps its autocast.
     accelerator = make_accelerator(TrainingSettings(output_dir="unused", mixed_precision="bf16"))
-    assert accelerator.mixed_precision == ("bf16" if torch.cuda.is_available() or native_bf16() else "no")
+    assert accelerator.mixed_precision == ("bf16" if torch.cuda.is_available() or bf16_pays() else "no")
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):

@@ -21,13 +21,13 @@ from pymatgen.core import Structure
 from transformers import LogitsProcessorList
 
 from crystallm import symmetry
+from crystallm.compute import bf16_pays
 from crystallm.diffraction.encoder import pattern_conditioning
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
-from crystallm.modeling import native_bf16
 
 # How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
 RESAMPLE_ATTEMPTS = 3
@@ -155,7 +155,7 @@ def generate_structures(model, tokenizer, prompts: Prompt | Iterable[Prompt] | N
     grammars = {p: p.grammar(tokenizer, settings.max_atoms, max_length, floor, settings.charge_neutral)
                 if settings.grammar else None
                 for p in dict.fromkeys(prompts)}  # every prompt is checked before the first sample
-    bf16 = native_bf16() if settings.bf16 is None else settings.bf16
+    bf16 = bf16_pays() if settings.bf16 is None else settings.bf16
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" \
         else contextlib.nullcontext()
     batch_size = settings.batch_size

@@ -42,7 +42,7 @@ class SamplingSettings:
     grammar: bool = True  # False only to measure what the grammar buys
     refine: bool | None = None  # the model's refinement head; None: where the head is on by default
     symmetrize: bool = False  # snap each structure to the symmetry spglib finds at symprec 0.1
-    bf16: bool | None = None  # bf16 autocast on a CPU; None: where the CPU computes bf16 natively
+    bf16: bool | None = None  # bf16 autocast on a CPU; None: where it is faster (`crystallm.compute.bf16_pays`)
 
     def __post_init__(self):
         problems = [
