@@ -17,7 +17,7 @@ from crystallm.diffraction.encoder import (
     attach_pattern_encoder,
 )
 from crystallm.errors import CrystaLLMInputError
-from crystallm.model_folder import loaded_from
+from crystallm.model_folder import loaded_from, require_safetensors
 
 ADAPTERS_FOLDER = "adapters"
 
@@ -61,6 +61,7 @@ def use_adapter(model, adapter: str):
             stage = "train/pattern_adapter.py" if adapter == PATTERN_ADAPTER else "train/adapter.py"
             raise CrystaLLMInputError(f"no adapter {adapter!r} for the model in {folder}; available: "
                                       f"{', '.join(known) or 'none'} (train one with {stage})")
+    require_safetensors(path, "adapter")
     if (path / ENCODER_CONFIG_FILE).exists():  # the pattern adapter: its encoder's weights load with it
         attach_pattern_encoder(model, PatternEncoderConfig.from_file(path))
     if isinstance(model, PeftModel):

@@ -104,12 +104,11 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
     print("file\t" + "\t".join(f"symprec={t}" for t in tolerances))
     for path in _input_files(args.inputs):
         try:
-            structure = cif.structure_from_cif(_read(path), str(path))
+            found = symmetry.detect_space_groups(cif.structure_from_cif(_read(path), str(path)), tolerances)
         except CrystaLLMInputError as error:
             failed += 1
             _report(str(path), f"{type(error).__name__}: {error}")
             continue
-        found = symmetry.detect_space_groups(structure, tolerances)
         cells = [f"{symmetry.space_group_symbol(n)} ({n})" if n else "none" for n in found.values()]
         print(f"{path}\t" + "\t".join(cells))
     return 1 if failed else 0

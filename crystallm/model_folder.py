@@ -76,6 +76,24 @@ def check_model_folder(folder: Path) -> dict:
     return config
 
 
+def require_safetensors(folder: Path, what: str = "model") -> None:
+    """CheckpointError unless `folder` holds its weights as safetensors: pickled weights (pytorch_model.bin,
+    adapter_model.bin) can run code when loaded, so they are refused, not loaded.
+
+    >>> require_safetensors(DEFAULT_MODEL)
+    >>> require_safetensors(Path("."), "adapter")
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.CheckpointError: .: the adapter folder holds no safetensors weights
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for path in folder.glob("*.bin")) + sorted(path.name for path in folder.glob("*.pt"))
+    refused = f" ({', '.join(pickled)} refused: pickled weights can run code; convert them to safetensors)" \
+        if pickled else ""
+    raise CheckpointError(f"{folder}: the {what} folder holds no safetensors weights{refused}")
+
+
 def loaded_from(model) -> Path:
     """The folder a (possibly adapter-wrapped) model was loaded from."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

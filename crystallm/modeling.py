@@ -13,7 +13,6 @@ continuous refinement head.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CheckpointError
+from crystallm.model_folder import check_model_folder, require_safetensors
 
 MAX_ATOMIC_NUMBER = 103
 
@@ -273,16 +273,12 @@ def load_model(path: str, **kwargs) -> CrystaLLMForCausalLM:
     """
     from safetensors import SafetensorError
 
-    config_file = Path(path) / "config.json"
     if Path(path).exists():  # a local folder (anything else is taken for a Hub id)
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a model folder (config.json: {error})") from None
-        if model_type != CrystaLLMConfig.model_type:
-            raise CheckpointError(f"{path}: not a crystallm model (its config.json says model_type {model_type!r})")
+        check_model_folder(Path(path))
+        require_safetensors(Path(path))
     try:
-        model, info = CrystaLLMForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = CrystaLLMForCausalLM.from_pretrained(path, output_loading_info=True, use_safetensors=True,
+                                                           **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error})") from error
     problems = {key: list(value) for key, value in info.items() if value and key != "error_msgs"}

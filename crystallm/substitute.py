@@ -30,10 +30,10 @@ def write_substitutions(model, tokenizer, structure: Structure | str, out: str |
     >>> [row["rank"] for row in rows], rows[0]["replaced"]
     ([1, 2], 'Cl')
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     candidates: list[Substitution] = rank_substitutions(model, tokenizer, structure, element, sites, top,
                                                         charge_neutral)
+    out = Path(out)  # made once the input has passed every check: a refused input leaves no folder
+    out.mkdir(parents=True, exist_ok=True)
     rows = [{"rank": rank, "replaced": c.replaced, "element": c.element, "formula": c.formula,
              "log_probability": round(c.log_probability, 4), "cif": f"{rank:02d}-{c.formula}.cif"}
             for rank, c in enumerate(candidates, 1)]

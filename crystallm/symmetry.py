@@ -282,7 +282,22 @@ class StandardCell:
 
 
 def structure_to_cell(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The (lattice, fractional positions, atomic numbers) triple that spglib takes."""
+    """The (lattice, fractional positions, atomic numbers) triple that spglib takes. A structure spglib cannot
+    take (a site of several elements or a vacancy; a non-finite cell or position, which crashes it) raises
+    InvalidStructureError.
+
+    >>> from pymatgen.core import Lattice
+    >>> structure_to_cell(Structure(Lattice.cubic(4.0), [{"Na": 0.5, "K": 0.5}], [[0, 0, 0]]))
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.InvalidStructureError: disordered (site 0 holds K0.5 Na0.5): spglib needs one element per site
+    """
+    if not structure.is_ordered:
+        index, site = next((i, s) for i, s in enumerate(structure) if not s.is_ordered)
+        raise InvalidStructureError(f"disordered (site {index} holds {site.species.formula}): spglib needs one "
+                                    f"element per site")
+    if not (np.isfinite(structure.lattice.matrix).all() and np.isfinite(structure.frac_coords).all()):
+        raise InvalidStructureError("the cell or a position is not a finite number")
     return (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
 
 

@@ -19,7 +19,7 @@ from crystallm.evaluation.csp import CSPTask, evaluate_csp
 from crystallm.evaluation.readers import iter_entries
 from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
-from crystallm.evaluation.scoring import ScoredStructure, score_entries, summarize
+from crystallm.evaluation.scoring import ScoredStructure, score_entries, structure_of_entry, summarize
 
 # CDVAE's coverage cutoffs per dataset; MPTS-52 has none of its own, so it uses MP-20's.
 COVERAGE_CUTOFFS = {"perov-5": {"structure": 0.2, "composition": 4.0},
@@ -65,6 +65,18 @@ def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputErro
                                f"rows){found}")
 
 
+def _check_readable(name: str | Path, role: str) -> None:
+    """CrystaLLMInputError unless the collection `name` holds a structure that can be read: a comparison with
+    nothing would report a number all the same. Stops at the first readable entry."""
+    for entry in iter_entries(name):
+        try:
+            structure_of_entry(entry)
+            return
+        except Exception:  # noqa: BLE001  (any entry that cannot be read: the next one may be)
+            continue
+    raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
+
+
 def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, test: str | None = None,
              csp: CSPTask | None = None, stability: StabilityTask | None = None,
              options: EvaluationOptions = EvaluationOptions()) -> dict:
@@ -81,6 +93,10 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     from tqdm import tqdm
 
     start = time.perf_counter()
+    for name, role in ((test, "test set"), (csp.targets if csp else None, "CSP targets"),
+                       (reference if isinstance(reference, (str, Path)) else None, "novelty reference")):
+        if name:  # checked before the input is scored
+            _check_readable(name, role)
     skipped: list[str] = []
     entries = iter_entries(source, skipped)
     first = next(entries, None)  # opens the source: a missing or unreadable one fails here, before any progress
@@ -106,13 +122,15 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     # A collection named twice (the test split as input, --test and --csp) is scored once.
     scored = {str(source): [r for r in records if not r.error]} if not options.limit and options.ids is None else {}
 
-    def collection(name: str, fingerprints: bool = False) -> list[ScoredStructure]:
+    def collection(name: str, role: str, fingerprints: bool = False) -> list[ScoredStructure]:
         if str(name) not in scored:
             scored[str(name)] = [r for r in score_entries(iter_entries(name), fingerprints=fingerprints,
                                                           num_proc=options.num_proc, ray=options.ray) if not r.error]
+        if not scored[str(name)]:  # every entry readable but none scorable (e.g. all disordered)
+            raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
         return scored[str(name)]
 
-    test_records = collection(test, options.coverage) if test else None
+    test_records = collection(test, "test set", options.coverage) if test else None
     benchmark = str(test or "").partition("/")[0]
     summary = summarize(records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS),
                         num_proc=options.num_proc, ray=options.ray)
@@ -123,7 +141,7 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     if skipped:
         summary["skipped"] = {"files": len(skipped), "names": skipped}
     if csp:
-        targets = collection(csp.targets)
+        targets = collection(csp.targets, "CSP targets")
         if csp.ids_file:
             wanted = read_ids(csp.ids_file)
             by_name = {t.name: t for t in targets}
@@ -142,7 +160,8 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
     if options.plots:
-        plots.write_plots(records, test_records or (collection(reference) if reference else None), options.plots)
+        compared = test_records or (collection(reference, "reference") if reference else None)
+        plots.write_plots(records, compared, options.plots)
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import itertools
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,14 @@ def _extxyz_entries(path: Path) -> Iterator[Entry]:
     from ase.io import iread
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    for index, atoms in enumerate(iread(str(path), index=":", format="extxyz")):
+    frames = iread(str(path), index=":", format="extxyz")
+    for index in itertools.count():
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as error:  # ase raises what its parser meets: ValueError, KeyError, IndexError, ...
+            raise CrystaLLMInputError(f"{path}: frame {index} is not extended XYZ ({error})") from None
         yield Entry(atoms.info.get("name", f"{path.name}#{index}"), "structure", AseAtomsAdaptor.get_structure(atoms))
 
 

@@ -106,6 +106,9 @@ class ReferenceSet:
             formula = reduced_formula(entry)
             if formula is not None:
                 self.groups.setdefault(formula, []).append(index)
+        if not self.groups:  # novelty against nothing would call every structure novel
+            raise CrystaLLMInputError(f"{source}: no readable structure to use as the novelty reference "
+                                      f"({len(entries)} entries)")
         self._structures: dict[int, Structure | None] = {}
         self._keys: dict[int, tuple[str, int] | None] = {}
         if embeddings is not None and list(embeddings.names) != [entry.name for entry in entries]:

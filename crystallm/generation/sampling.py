@@ -72,11 +72,30 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
     from crystallm.modeling import load_model
     from crystallm.tokenization import CrystaLLMTokenizer
 
+    device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any loading
     source = str(resolve_model_folder(model or DEFAULT_MODEL))  # a Hub id becomes its cached snapshot
     loaded = load_model(source)
     tokenizer = CrystaLLMTokenizer.from_pretrained(source)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return loaded.to(device).eval(), tokenizer
+
+
+def _check_device(name: str) -> torch.device:
+    """The torch device `name`, or CrystaLLMInputError naming it where it is not one or this torch cannot use it.
+
+    >>> _check_device("gpu0")
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.CrystaLLMInputError: device 'gpu0': not a torch device (cpu, cuda, cuda:1, mps, ...)
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CrystaLLMInputError(f"device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    usable = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+              "mps": torch.backends.mps.is_available()}
+    if not usable.get(device.type, False):
+        raise CrystaLLMInputError(f"device {name!r}: this machine's torch cannot use it (use cpu)")
+    return device
 
 
 def _parse(text: str) -> tuple[Structure | None, str]:

@@ -70,6 +70,9 @@ def substitution_log_probabilities(model, tokenizer, text: str, element: str | N
     rows = _chosen_rows(crystal, element, sites)
     replaced = crystal.sites[rows[0]].element
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+    if ids.shape[1] > model.config.n_positions:
+        raise CrystaLLMInputError(f"the structure's text is {ids.shape[1]} tokens, more than the model reads "
+                                  f"({model.config.n_positions}); substitution needs a smaller cell")
     row_starts = torch.isin(ids, torch.tensor(row_element_token_ids(tokenizer), device=ids.device))
     row_positions = row_starts[0].nonzero().flatten()[rows]
     masked = torch.zeros_like(ids, dtype=torch.bool)

@@ -1,0 +1,127 @@
+"""Hostile input, family by family: each case ends in exit code 2 and one line on stderr naming the input and the
+problem, before any output folder is made (issue 36). Inputs are made here; the model is the tiny one of conftest
+or a copy of it with its weights pickled."""
+
+import shutil
+
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from crystallm import cli
+
+DISORDERED_CIF = """data_x
+_cell_length_a 4
+_cell_length_b 4
+_cell_length_c 4
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+A Na 0 0 0 0.5
+B K 0 0 0 0.5
+C Cl 0.5 0.5 0.5 1
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A folder of bad inputs."""
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "lattice.extxyz").write_text('2\nLattice="bad" Properties=species:S:1:pos:R:3\nNa 0 0 0\nCl 1 1 1\n')
+    (folder / "short.extxyz").write_text('3\nLattice="4 0 0 0 4 0 0 0 4" Properties=species:S:1:pos:R:3\nNa 0 0 0\n')
+    (folder / "latin1-ids.txt").write_bytes(b"\xff\xfemp-1\n")
+    (folder / "empty-ids.txt").write_text("\n\n")
+    (folder / "no-columns.csv").write_text("name,formula\na,NaCl\n")
+    (folder / "junk").mkdir()
+    (folder / "junk" / "a.cif").write_text("hello")
+    (folder / "junk" / "b.cif").write_bytes(bytes(range(256)))
+    (folder / "good.cif").write_text(Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]).to(
+        fmt="cif"))
+    (folder / "disordered.cif").write_text(DISORDERED_CIF)
+    rng = torch.Generator().manual_seed(0)
+    big = Structure(Lattice.cubic(30), ["Na", "Cl"] * 250, torch.rand(500, 3, generator=rng).numpy())
+    (folder / "big.cif").write_text(big.to(fmt="cif"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pickled_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model folder with its weights as a pickle (pytorch_model.bin) instead of safetensors, and an
+    adapter folder likewise."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("pickled") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    adapter = folder.parent / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    torch.save({}, adapter / "adapter_model.bin")
+    return folder
+
+
+FAMILIES = {
+    "extxyz": [(["evaluate", "{h}/lattice.extxyz"], "lattice.extxyz: frame 0 is not extended XYZ"),
+               (["evaluate", "{h}/short.extxyz"], "short.extxyz: frame 0 is not extended XYZ")],
+    "CSV": [(["evaluate", "{h}/no-columns.csv"], "a CSV needs a 'cif' or 'text' column")],
+    "id lists": [(["evaluate", "{h}/good.cif", "--ids", "{h}/latin1-ids.txt"], "not a UTF-8 text file"),
+                 (["evaluate", "{h}/good.cif", "--ids", "{h}/empty-ids.txt"], "holds no ids"),
+                 (["evaluate", "{h}/good.cif", "--ids", "{h}/missing.txt"], "cannot read the ids")],
+    "collections with nothing readable": [
+        (["evaluate", "{h}/good.cif", "--test", "{h}/junk"], "junk: no readable structure to use as the test set"),
+        (["evaluate", "{h}/good.cif", "--reference", "{h}/junk"], "no readable structure to use as the novelty"),
+        (["evaluate", "{h}/good.cif", "--csp", "{h}/junk"], "junk: no readable structure to use as the CSP targets")],
+    "device names": [(["generate", "--model", "{m}", "--device", "bogus"], "device 'bogus': not a torch device"),
+                     (["generate", "--model", "{m}", "--device", "cuda:7"], "cannot use it")],
+    "non-finite options": [(["generate", "--model", "{m}", "--temperature", "inf"], "temperature inf"),
+                           (["generate", "--model", "{m}", "--temperature", "nan"], "temperature nan"),
+                           (["generate", "--model", "{m}", "--guidance", "inf"], "guidance inf"),
+                           (["generate", "--model", "{m}", "--top-p", "nan"], "top-p nan"),
+                           (["generate", "--model", "{m}", "--min-distance", "inf"], "min distance inf")],
+    "oversized structures": [(["substitute", "{h}/big.cif", "--model", "{m}", "--element", "Na"],
+                              "more than the model reads")],
+    "non-safetensors model folders": [
+        (["generate", "--model", "{p}"], "holds no safetensors weights (pytorch_model.bin refused"),
+        (["embed", "{h}/good.cif", "--model", "{p}"], "holds no safetensors weights"),
+        (["substitute", "{h}/good.cif", "--model", "{p}", "--element", "Cs"], "holds no safetensors weights"),
+        (["generate", "--model", "{m}", "--adapter", "{a}", "--target", "1"],
+         "the adapter folder holds no safetensors")],
+}
+CASES = [(family, argv, expected) for family, cases in FAMILIES.items() for argv, expected in cases]
+
+
+@pytest.mark.parametrize("family, arguments, expected", CASES, ids=[f"{f}: {' '.join(a)}" for f, a, _ in CASES])
+def test_hostile_input_is_one_line_exit_2_and_no_output(family, arguments, expected, hostile, tiny_model_dir,
+                                                        pickled_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(h=hostile, m=tiny_model_dir, p=pickled_model, a=pickled_model.parent / "adapter")
+            for a in arguments]
+    # where each command would write: evaluate its plots, embed a file, the others a folder
+    argv += {"evaluate": ["--plots", str(out)], "embed": ["--out", str(out / "x.safetensors")]}.get(
+        argv[0], ["--out", str(out)])
+    code = cli.main(argv)
+    error = capsys.readouterr().err.strip()
+    assert code == 2, error
+    assert len(error.splitlines()) == 1 and error.startswith(f"crystallm {argv[0]}: error: "), error
+    assert expected in error, error
+    assert not out.exists()
+
+
+def test_a_disordered_cif_is_listed_and_the_batch_goes_on(hostile, capsys):
+    """symmetry over several files: the disordered one is named with its reason; the good one is answered."""
+    code = cli.main(["symmetry", str(hostile / "disordered.cif"), str(hostile / "good.cif")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.strip().splitlines() == [
+        f"error: {hostile / 'disordered.cif'}: InvalidStructureError: disordered (site 0 holds K0.5 Na0.5): spglib "
+        f"needs one element per site"]
+    assert "good.cif\tPm-3m (221)" in captured.out
