@@ -38,6 +38,8 @@ def test_resume_after_a_stop_gives_the_same_losses(tmp_path):
     interrupted = tmp_path / "interrupted"
     pretrain(tiny_settings(interrupted, stop_at_step=5))
     assert max(losses_by_step(interrupted)) == 5 and not (interrupted / "model.safetensors").exists()
+    saved = sorted(path.suffix for path in (interrupted / "checkpoint").iterdir())
+    assert saved == [".json"] * 2 + [".safetensors"] * 3  # no pickle: a checkpoint may be committed
     pretrain(tiny_settings(interrupted))
     expected, resumed = losses_by_step(straight), losses_by_step(interrupted)
     assert sorted(resumed) == list(range(1, 9))

@@ -30,7 +30,7 @@ def token_counts(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, float]
     counts = {}
     for source, texts in by_source.items():
         lengths = np.array([len(ids) + 1 for ids in tokenizer(texts)["input_ids"]])
-        counts[source] = {"mean": round(float(lengths.mean()), 1), "p95": float(np.percentile(lengths, 95)),
+        counts[source] = {"mean": round(float(lengths.mean()), 1), "p95": round(float(np.percentile(lengths, 95)), 1),
                           "max": int(lengths.max())}
     return counts
 
@@ -38,7 +38,10 @@ def token_counts(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, float]
 def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
-    sources = tuple(config.get("sources", data.CORPUS_SOURCES))
+    left_out = set(config.get("exclude_sources", ()))
+    if unknown := left_out - set(data.CORPUS_SOURCES):
+        raise SystemExit(f"exclude_sources: not corpus sources: {', '.join(sorted(unknown))}")
+    sources = tuple(name for name in data.CORPUS_SOURCES if name not in left_out)
     build = data.build_pretraining_corpus(num_proc=config.get("num_proc"), sources=sources)
     columns = ["id", "source", "text"]
     pd.DataFrame(build.corpus, columns=columns).to_csv(out / "pretraining-corpus.csv.gz", index=False)

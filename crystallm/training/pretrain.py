@@ -144,7 +144,7 @@ def pretrain(settings: PretrainingSettings) -> Path:
     step, tokens_before, seconds_before = 0, 0, 0.0  # totals of earlier invocations, for the model card
     best = {"best_eval_loss": math.inf, "best_step": 0}
     if checkpoint.exists() and state_path.exists():
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
         saved = json.loads(state_path.read_text())
         step, tokens_before, seconds_before = saved["step"], saved["tokens_seen"], saved["train_seconds"]
         best = {key: saved.get(key, value) for key, value in best.items()}
@@ -213,7 +213,7 @@ def pretrain(settings: PretrainingSettings) -> Path:
                     log.write(json.dumps(row) + "\n")
             stop_here = step == (settings.stop_at_step or -1)  # end this invocation early, resumable
             if step % settings.save_every == 0 or step == max_steps or stop_here:
-                accelerator.save_state(str(checkpoint))
+                save_checkpoint(accelerator, model, optimizer, scheduler, checkpoint)
                 if accelerator.is_main_process:
                     state_path.write_text(json.dumps({**{key: row[key] for key in
                                                          ("step", "tokens_seen", "train_seconds")}, **best}))
@@ -233,6 +233,38 @@ def pretrain(settings: PretrainingSettings) -> Path:
             accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -> None:
+    """What resuming needs, with no pickle (a checkpoint may be committed and travel): the weights and the optimizer's
+    moments as safetensors, its parameter groups and the schedule's position as JSON, torch's random state."""
+    from safetensors.torch import save_file, save_model
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"))  # tied weights once
+    state = optimizer.state_dict()
+    save_file({f"{index}.{name}": value.contiguous() for index, moments in state["state"].items()
+               for name, value in moments.items()}, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps(state["param_groups"]))
+    (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    save_file({"torch": torch.get_rng_state()}, str(directory / "random.safetensors"))
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -> None:
+    """Restore what `save_checkpoint` wrote."""
+    from safetensors.torch import load_file, load_model
+
+    load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"))
+    state: dict = {"state": {}, "param_groups": json.loads((directory / "optimizer.json").read_text())}
+    for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+        index, name = key.split(".", 1)
+        state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+    scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+    torch.set_rng_state(load_file(str(directory / "random.safetensors"))["torch"])
 
 
 @torch.no_grad()
