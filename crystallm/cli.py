@@ -584,6 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command kept, for its one line: the samples of a run folder and how to go on."""
+    if args.command == "design":
+        return f"; what was finished is kept in {args.out}: run the same command again to resume"
+    journal = Path(getattr(args, "out", None) or ".") / "samples.jsonl"
+    if args.command != "generate" or not journal.exists():
+        return ""
+    with open(journal, "rb") as handle:
+        kept = sum(1 for line in handle if line.endswith(b"\n"))
+    return f"; the {kept} structures finished are kept in {args.out}: add --resume to the same command to continue"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crystallm` console command."""
     args = build_parser().parse_args(argv)
@@ -611,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         except (CrystaLLMInputError, OSError) as error:  # bad input or a full/unwritable disk: one line
             print(f"crystallm {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: what is finished is on disk; say so in one line, not a traceback
+            print(f"crystallm {args.command}: interrupted{_kept(args)}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,3 +288,61 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
     monkeypatch.undo()
     resumed = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4}, resume=True)  # the journaled batch comes back
     assert resumed.finished == 4
+
+
+def _wait_for_lines(journal, count: int, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < count):
+        time.sleep(0.05)
+
+
+def test_a_folder_has_one_writer(tmp_path):
+    first = GenerationFolder(tmp_path, SamplingSettings(), {"num": 2})
+    with pytest.raises(CrystaLLMInputError, match=f"another run is writing there \\(pid {os.getpid()} on "):
+        GenerationFolder(tmp_path, SamplingSettings(), {"num": 2}, resume=True)
+    del first  # the lock ends with the folder object (and with its process, kill -9 included)
+    assert GenerationFolder(tmp_path, SamplingSettings(), {"num": 2}).finished == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [False, True], ids=["two new runs", "two resumes"])
+def test_two_runs_into_one_folder_one_is_refused_and_the_other_is_a_lone_run(resume, tiny_model_dir, tmp_path):
+    command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--batch-size", "2",
+               "--max-atoms", "24", "--num", "24", "--quiet", "--threads", "1"]
+    lone = tmp_path / "lone"
+    assert subprocess.run(command + ["--out", str(lone)], capture_output=True).returncode == 0
+    shared = tmp_path / "shared"
+    if resume:  # a run stopped after its first batches, then resumed twice at once
+        subprocess.run(command[:-5] + ["--num", "4", "--quiet", "--out", str(shared)], check=True, capture_output=True)
+    first = subprocess.Popen(command + ["--out", str(shared), "--seed", "0"] + (["--resume"] if resume else []),
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(shared / "samples.jsonl", 6)
+    first.send_signal(signal.SIGSTOP)  # held mid-run, so the second surely meets it there
+    second = subprocess.run(command + ["--out", str(shared)] + (["--resume"] if resume else ["--seed", "1"]),
+                            capture_output=True, text=True)
+    first.send_signal(signal.SIGCONT)
+    assert first.wait() == 0, first.stderr.read()
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"crystallm generate: error: {shared}: another run is writing there (pid {first.pid} on "
+        f"{socket.gethostname()}, since " + second.stderr.split("since ", 1)[1].strip()]
+    texts = [json.loads(line)["text"] for line in (shared / "samples.jsonl").read_text().splitlines()]
+    assert texts == [json.loads(line)["text"] for line in (lone / "samples.jsonl").read_text().splitlines()]
+    assert json.loads((shared / "summary.json").read_text())["entries"] == 24
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_that_says_what_was_kept_and_resume_completes_it(tiny_model_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--out",
+               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "40", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(out / "samples.jsonl", 6)
+    process.send_signal(signal.SIGINT)
+    assert process.wait() == 130
+    [line] = process.stderr.read().strip().splitlines()
+    kept = (out / "samples.jsonl").read_text().count("\n")
+    assert line == (f"crystallm generate: interrupted; the {kept} structures finished are kept in {out}: add "
+                    f"--resume to the same command to continue")
+    assert subprocess.run(command + ["--resume"], capture_output=True).returncode == 0
+    assert [json.loads(line)["index"] for line in (out / "samples.jsonl").read_text().splitlines()] == list(range(40))

@@ -18,11 +18,14 @@ resumed run rebuilds them from the journal.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -59,9 +62,7 @@ class GenerationFolder:
         self.run = {**(run or {}), "format_version": text_format.FORMAT_VERSION}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            self._lock = _take_lock(self.directory)  # before anything is written: one writer a folder
         except OSError as error:
             raise CrystaLLMInputError(f"{self.directory}: cannot write there ({error.strerror or error})") from None
         self.journal = self.directory / "samples.jsonl"
@@ -193,6 +194,25 @@ class GenerationFolder:
                                  "below_floor": sum(1 for e in self.entries if e.get("fallbacks"))}
         summary["settings"] = self.settings
         return summary
+
+
+def _take_lock(directory: Path):
+    """The folder's writer lock: `.lock`, held (flock) by the open handle returned, so it ends with the folder
+    object or the process, kill -9 included. A folder another writer holds raises CrystaLLMInputError naming it."""
+    handle = open(directory / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CrystaLLMInputError(f"{directory}: another run is writing there ({holder}); wait for it to end or "
+                                  f"choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def _flat(settings: dict) -> dict:
