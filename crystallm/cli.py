@@ -13,22 +13,32 @@ from crystallm import symmetry
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 from crystallm.evaluation.readers import CIF_SUFFIXES
 from crystallm.io import cif, text_format
+from crystallm.io.files import MAX_FILE_BYTES, InputPolicy, folder_files, read_bytes
 
 
-def _input_files(paths: list[Path]) -> list[Path]:
-    """The CIF files named, folders expanded to the CIFs inside them (sorted)."""
-    files = []
-    for path in paths:
+def _policy(args: argparse.Namespace) -> InputPolicy:
+    return InputPolicy(follow_links=args.follow_links, max_bytes=int(args.max_file_mb * 1024 * 1024))
+
+
+def _input_files(args: argparse.Namespace) -> tuple[list[Path], int]:
+    """The CIF files named, folders expanded to the CIFs inside them (sorted), and how many entries were refused
+    (each reported with its reason: `io.files.check_file`)."""
+    files, refused = [], 0
+    for path in args.inputs:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in CIF_SUFFIXES)
+            readable, refusals, _ = folder_files(path, CIF_SUFFIXES, _policy(args))
+            files += readable
+            for entry in refusals:
+                _report(str(path / entry.name), entry.reason)
+            refused += len(refusals)
         else:
             files.append(path)
-    return files
+    return files, refused
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, policy: InputPolicy = InputPolicy()) -> str:
     try:
-        return path.read_text()
+        return read_bytes(path, policy=policy).decode()
     except (OSError, UnicodeDecodeError) as error:
         raise CrystaLLMInputError(f"{path}: cannot be read ({error})") from error
 
@@ -39,12 +49,12 @@ def _report(name: str, error: str) -> None:
 
 def cmd_serialize(args: argparse.Namespace) -> int:
     """CIF files -> crystallm text, one block each, blank line between; bad files reported, the rest written."""
-    failed = 0
+    files, failed = _input_files(args)
     out = open(args.out, "w") if args.out else sys.stdout
     try:
-        for path in _input_files(args.inputs):
+        for path in files:
             try:
-                result = text_format.serialize_one(_read(path), str(path), args.symprec)
+                result = text_format.serialize_one(_read(path, _policy(args)), str(path), args.symprec)
             except CrystaLLMInputError as error:
                 result = text_format.SerializationResult(str(path), error=f"{type(error).__name__}: {error}")
             if result.error:
@@ -99,12 +109,13 @@ def cmd_to_cif(args: argparse.Namespace) -> int:
 
 def cmd_symmetry(args: argparse.Namespace) -> int:
     """Space group of each CIF at several tolerances."""
-    failed = 0
+    files, failed = _input_files(args)
     tolerances = tuple(args.symprec)
     print("file\t" + "\t".join(f"symprec={t}" for t in tolerances))
-    for path in _input_files(args.inputs):
+    for path in files:
         try:
-            found = symmetry.detect_space_groups(cif.structure_from_cif(_read(path), str(path)), tolerances)
+            structure = cif.structure_from_cif(_read(path, _policy(args)), str(path))
+            found = symmetry.detect_space_groups(structure, tolerances)
         except CrystaLLMInputError as error:
             failed += 1
             _report(str(path), f"{type(error).__name__}: {error}")
@@ -125,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
                                 ray=args.ray, limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
                                 plots=args.plots, records_path=args.records, progress=not args.quiet,
-                                neighbours=args.neighbours)
+                                neighbours=args.neighbours, inputs=_policy(args))
     csp = CSPTask(args.csp, args.csp_ids, tuple(args.attempts)) if args.csp else None
     stability = StabilityTask(RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax,
                                                  max_seconds=args.relax_seconds), args.stability_cache) \
@@ -407,6 +418,12 @@ def SHARD(text: str) -> tuple[int, int]:  # an argparse type, named like the oth
     return int(index), int(count)
 
 
+def _add_input_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow-links", action="store_true", help="read links that lead out of an input folder")
+    parser.add_argument("--max-file-mb", type=POSITIVE_FLOAT, default=MAX_FILE_BYTES / 2**20,
+                        help=f"larger files in an input folder are refused (default {MAX_FILE_BYTES // 2**20})")
+
+
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=POSITIVE, help="torch threads (default: the cores free to this process, "
                         "so a busy neighbour is not fought over)")
@@ -420,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     serialize.add_argument("inputs", nargs="+", type=Path)
     serialize.add_argument("--out", help="write the texts to this file instead of standard output")
     serialize.add_argument("--symprec", type=SYMPREC, default=symmetry.DEFAULT_SYMPREC)
+    _add_input_policy(serialize)
     serialize.set_defaults(run=cmd_serialize)
 
     tokenize = commands.add_parser("tokenize", help="show the tokens of crystallm texts or CIFs")
@@ -434,10 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     sym = commands.add_parser("symmetry", help="space group of CIFs at several tolerances (spglib)")
     sym.add_argument("inputs", nargs="+", type=Path)
     sym.add_argument("--symprec", type=SYMPREC, nargs="+", default=[0.1, 0.01, 0.001])
+    _add_input_policy(sym)
     sym.set_defaults(run=cmd_symmetry)
 
     evaluate = commands.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, coverage, CSP")
     _add_threads(evaluate)
+    _add_input_policy(evaluate)
     evaluate.add_argument("input", help="cifs.zip, a folder of CIFs, an extxyz, a CSV with a cif or text column, "
                                         "a `crystallm generate` output folder, or a split such as mp20-bt/test")
     evaluate.add_argument("--reference", help="training set for novelty (split such as mp20-bt/train, or a file)")

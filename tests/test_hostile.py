@@ -125,3 +125,52 @@ def test_a_disordered_cif_is_listed_and_the_batch_goes_on(hostile, capsys):
         f"error: {hostile / 'disordered.cif'}: InvalidStructureError: disordered (site 0 holds K0.5 Na0.5): spglib "
         f"needs one element per site"]
     assert "good.cif\tPm-3m (221)" in captured.out
+
+
+@pytest.fixture
+def booby_trapped_folder(hostile, tmp_path):
+    """A folder of CIFs where one file is good and the others are traps: a link to /dev/zero, a named pipe, a link
+    out of the folder, a dangling link, a link loop, an oversized file."""
+    import os
+
+    folder = tmp_path / "trapped"
+    folder.mkdir()
+    shutil.copy(hostile / "good.cif", folder / "good.cif")
+    (folder / "zero.cif").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe.cif")
+    (folder / "outside.cif").symlink_to(hostile / "good.cif")
+    (folder / "dangling.cif").symlink_to(folder / "nothing.cif")
+    (folder / "loop.cif").symlink_to(folder / "loop.cif")
+    (folder / "huge.cif").write_bytes(b"#" * 2_000_000)
+    return folder
+
+
+REASONS = {"zero.cif": "a link leading outside", "pipe.cif": "not a regular file (a named pipe)",
+           "outside.cif": "a link leading outside", "dangling.cif": "a link to nothing", "loop.cif": "a link loop",
+           "huge.cif": "2,000,000 bytes, more than the limit of 1,048,576"}
+
+
+def test_a_folder_walk_reads_regular_files_inside_it_and_lists_each_refused_entry(booby_trapped_folder, capsys):
+    code = cli.main(["serialize", str(booby_trapped_folder), "--max-file-mb", "1"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out.startswith("data_CsCl")  # the good file, and nothing hung
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == len(REASONS)
+    for name, reason in REASONS.items():
+        assert any(line.startswith(f"error: {booby_trapped_folder / name}: {reason}") for line in lines), name
+    assert cli.main(["serialize", str(booby_trapped_folder), "--max-file-mb", "1", "--follow-links"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("data_CsCl") == 2  # the link out of the folder, followed when asked
+    assert f"{booby_trapped_folder / 'zero.cif'}: not a regular file (a character device)" in captured.err
+
+
+def test_evaluate_skips_the_traps_with_their_reasons(booby_trapped_folder):
+    from crystallm.evaluation.batch import EvaluationOptions, evaluate
+    from crystallm.io.files import InputPolicy
+
+    options = EvaluationOptions(num_proc=1, progress=False, inputs=InputPolicy(max_bytes=1_048_576))
+    summary = evaluate(booby_trapped_folder, options=options)
+    assert summary["entries"] == 1 and summary["validity"]["structural"] == 1.0
+    skipped = summary["skipped"]["names"]
+    assert sorted(name.split(" (")[0] for name in skipped) == sorted(REASONS)
+    assert all(reason in " ".join(skipped) for reason in REASONS.values())

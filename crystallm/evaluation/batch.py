@@ -20,6 +20,7 @@ from crystallm.evaluation.readers import iter_entries
 from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
 from crystallm.evaluation.scoring import ScoredStructure, score_entries, structure_of_entry, summarize
+from crystallm.io.files import InputPolicy
 
 # CDVAE's coverage cutoffs per dataset; MPTS-52 has none of its own, so it uses MP-20's.
 COVERAGE_CUTOFFS = {"perov-5": {"structure": 0.2, "composition": 4.0},
@@ -57,6 +58,7 @@ class EvaluationOptions:
     records_path: str | Path | None = None
     plots: str | Path | None = None
     neighbours: int = 10
+    inputs: InputPolicy = InputPolicy()  # what an input walk may read: links out of a folder, file sizes
 
 
 def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputError:
@@ -98,7 +100,7 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
         if name:  # checked before the input is scored
             _check_readable(name, role)
     skipped: list[str] = []
-    entries = iter_entries(source, skipped)
+    entries = iter_entries(source, skipped, options.inputs)
     first = next(entries, None)  # opens the source: a missing or unreadable one fails here, before any progress
     if first is None:
         raise _no_structures(source, skipped)

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import gzip
 import itertools
+import sys
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +16,7 @@ from typing import Iterator
 from crystallm import data
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import reports
+from crystallm.io.files import InputPolicy, check_file, folder_files, read_bytes
 
 CIF_SUFFIXES = (".cif", ".mcif")
 
@@ -28,12 +30,15 @@ class Entry:
     payload: object
 
 
-def iter_entries(source: str | Path, skipped: list[str] | None = None) -> Iterator[Entry]:
+def iter_entries(source: str | Path, skipped: list[str] | None = None,
+                 policy: InputPolicy = InputPolicy()) -> Iterator[Entry]:
     """Entries of a zip of CIFs, a folder of CIFs, an extxyz file, a CSV with a `cif` or `text` column, the
     output folder of `crystallm generate` (the texts of its journal), or a benchmark split such as `mp20-bt/test`.
 
     In a zip or a folder only `.cif`/`.mcif` files are structures; the names of the other files (a README, a
-    license) are appended to `skipped`, not scored. A file that is not a readable zip raises CrystaLLMInputError.
+    license) are appended to `skipped`, not scored, and so are the entries the input `policy` refuses, each with
+    its reason (`io.files.check_file`: links out of the folder, pipes and devices, oversized files). A file that is
+    not a readable zip raises CrystaLLMInputError.
 
     >>> next(iter_entries("mp20-bt/test")).name
     'mp-10009'
@@ -57,13 +62,16 @@ def iter_entries(source: str | Path, skipped: list[str] | None = None) -> Iterat
             for sample in reports.read_json_lines(path / "samples.jsonl"):
                 yield Entry(sample["name"], "text", sample["text"])
             return
-        for file in sorted(path.iterdir()):
-            if file.suffix.lower() in CIF_SUFFIXES:
-                yield Entry(file.name, "cif", file.read_bytes())
-            elif file.is_file() and not file.name.startswith("."):
-                skipped.append(file.name)
+        readable, refused, others = folder_files(path, CIF_SUFFIXES, policy)
+        skipped += others + [f"{entry.name} ({entry.reason})" for entry in refused]
+        for file in readable:
+            yield Entry(file.name, "cif", read_bytes(file, path, policy))
         return
     suffixes = "".join(path.suffixes).lower()
+    if suffixes.endswith((".zip", ".extxyz", ".xyz", ".csv", ".csv.gz")):  # collections: any size, regular files only
+        reason = check_file(path, policy=dataclasses.replace(policy, max_bytes=sys.maxsize))
+        if reason:
+            raise CrystaLLMInputError(f"{path}: {reason}")
     if suffixes.endswith(".zip"):
         try:
             archive = zipfile.ZipFile(path)
@@ -73,7 +81,10 @@ def iter_entries(source: str | Path, skipped: list[str] | None = None) -> Iterat
             for info in archive.infolist():
                 if info.is_dir():
                     continue
-                if Path(info.filename).suffix.lower() in CIF_SUFFIXES and not info.filename.startswith("__MACOSX/"):
+                if info.file_size > policy.max_bytes:  # a zip bomb unpacks to far more than it holds
+                    skipped.append(f"{info.filename} ({info.file_size:,} bytes unpacked, more than the limit of "
+                                   f"{policy.max_bytes:,}; --max-file-mb)")
+                elif Path(info.filename).suffix.lower() in CIF_SUFFIXES and not info.filename.startswith("__MACOSX/"):
                     yield Entry(info.filename, "cif", archive.read(info))
                 else:
                     skipped.append(info.filename)
@@ -82,7 +93,7 @@ def iter_entries(source: str | Path, skipped: list[str] | None = None) -> Iterat
     elif suffixes.endswith((".csv", ".csv.gz")):
         yield from _csv_entries(path)
     else:
-        yield Entry(path.name, "cif", path.read_bytes())
+        yield Entry(path.name, "cif", read_bytes(path, policy=policy))
 
 
 def _extxyz_entries(path: Path) -> Iterator[Entry]:
