@@ -8,12 +8,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from crystallm import symmetry
-from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
+from crystallm import symmetry, validity
+from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning, InvalidStructureError
 from crystallm.evaluation.readers import CIF_SUFFIXES
 from crystallm.io import cif, text_format
 from crystallm.io.files import MAX_FILE_BYTES, InputPolicy, folder_files, read_bytes
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
 
 
 def _policy(args: argparse.Namespace) -> InputPolicy:
@@ -50,11 +54,14 @@ def _report(name: str, error: str) -> None:
 def cmd_serialize(args: argparse.Namespace) -> int:
     """CIF files -> crystallm text, one block each, blank line between; bad files reported, the rest written."""
     files, failed = _input_files(args)
-    out = open(args.out, "w") if args.out else sys.stdout
+    # A file is written whole or not at all: into a scratch file moved into place at the end.
+    scratch = Path(f"{args.out}.partial") if args.out else None
+    out = open(scratch, "w") if scratch else sys.stdout
     try:
         for path in files:
             try:
-                result = text_format.serialize_one(_read(path, _policy(args)), str(path), args.symprec)
+                structure = _valid_geometry(cif.structure_from_cif(_read(path, _policy(args)), str(path)), path)
+                result = text_format.serialize_one(structure, str(path), args.symprec)
             except CrystaLLMInputError as error:
                 result = text_format.SerializationResult(str(path), error=f"{type(error).__name__}: {error}")
             if result.error:
@@ -63,10 +70,23 @@ def cmd_serialize(args: argparse.Namespace) -> int:
                 continue
             out.write(f"{result.text}\n\n")
             out.flush()
-    finally:
-        if args.out:
+        if scratch:
             out.close()
+            os.replace(scratch, args.out)
+    finally:
+        if scratch:
+            out.close()
+            scratch.unlink(missing_ok=True)
     return 1 if failed else 0
+
+
+def _valid_geometry(structure: Structure, name: str | Path) -> Structure:
+    """The structure, or InvalidStructureError where atoms sit closer than the validity floor (or the cell has no
+    volume): written as it is, two atoms would lie on top of each other."""
+    if not validity.structural_validity(structure):
+        raise InvalidStructureError(f"{name}: atoms closer than {validity.MIN_DISTANCE} Å (the validity floor) or a "
+                                    f"cell under {validity.MIN_VOLUME} Å³; not written")
+    return structure
 
 
 def _text_or_cif(path: Path) -> str:
@@ -99,7 +119,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_to_cif(args: argparse.Namespace) -> int:
     """crystallm text -> a standard CIF that VESTA, ASE and pymatgen read."""
-    written = cif.structure_to_cif(text_format.parse_structure(_read(args.input)))
+    written = cif.structure_to_cif(_valid_geometry(text_format.parse_structure(_read(args.input)), args.input))
     if args.out:
         Path(args.out).write_text(written)
     else:
@@ -161,6 +181,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a collection (one unit vector a structure, safetensors); with --nearest, list each structure's
     nearest entries of an embedded reference."""
+    import numpy as np
+
     from crystallm.evaluation import reports
     from crystallm.evaluation.readers import iter_entries
     from crystallm.evaluation.reference import Embeddings
@@ -169,9 +191,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     reference = Embeddings.from_file(args.nearest) if args.nearest else None  # a bad file fails before the work
     model = args.model or (reference.model if reference else None) or None
     embeddings = embed_entries(list(iter_entries(args.input)), model, source=str(args.input))
+    unreadable = int((~np.isfinite(embeddings.vectors).all(axis=1)).sum())  # rows of NaN: no structure read
+    if unreadable == len(embeddings.names):
+        raise CrystaLLMInputError(f"{args.input}: no readable structure to embed ({unreadable} entries); nothing "
+                                  f"written")
     embeddings.save(args.out)
     print(f"{len(embeddings.names)} embeddings of {args.input} by {embeddings.model or 'the shipped model'} "
-          f"-> {args.out}")
+          f"-> {args.out}" + (f"; {unreadable} entries could not be read: their rows are NaN" if unreadable else ""))
     if reference:
         if reference.model != embeddings.model:
             raise CrystaLLMInputError(f"{args.nearest}: embedded by {reference.model or 'the shipped model'}, not "

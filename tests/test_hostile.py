@@ -79,7 +79,8 @@ FAMILIES = {
     "collections with nothing readable": [
         (["evaluate", "{h}/good.cif", "--test", "{h}/junk"], "junk: no readable structure to use as the test set"),
         (["evaluate", "{h}/good.cif", "--reference", "{h}/junk"], "no readable structure to use as the novelty"),
-        (["evaluate", "{h}/good.cif", "--csp", "{h}/junk"], "junk: no readable structure to use as the CSP targets")],
+        (["evaluate", "{h}/good.cif", "--csp", "{h}/junk"], "junk: no readable structure to use as the CSP targets"),
+        (["embed", "{h}/junk"], "junk: no readable structure to embed (2 entries); nothing written")],
     "device names": [(["generate", "--model", "{m}", "--device", "bogus"], "device 'bogus': not a torch device"),
                      (["generate", "--model", "{m}", "--device", "cuda:7"], "cannot use it")],
     "non-finite options": [(["generate", "--model", "{m}", "--temperature", "inf"], "temperature inf"),
@@ -174,3 +175,27 @@ def test_evaluate_skips_the_traps_with_their_reasons(booby_trapped_folder):
     skipped = summary["skipped"]["names"]
     assert sorted(name.split(" (")[0] for name in skipped) == sorted(REASONS)
     assert all(reason in " ".join(skipped) for reason in REASONS.values())
+
+
+NONSENSE = {
+    "negative length": ("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000",
+                        "_cell_length_a is -4.20000000: a length is a finite number of Å above 0"),
+    "non-finite length": ("_cell_length_b   4.20000000", "_cell_length_b   nan", "_cell_length_b is nan"),
+    "flat angle": ("_cell_angle_gamma   90.00000000", "_cell_angle_gamma   180.0",
+                   "_cell_angle_gamma is 180.0: an angle lies between 0 and 180 degrees"),
+    "atoms 0.04 Å apart": ("Cl  Cl1  1  0.50000000  0.50000000  0.50000000  1",
+                           "Cl  Cl1  1  0.50000000  0.50000000  0.50000000  1\n  Cl  Cl2  1  0.50000000  0.50000000  "
+                           "0.50952381  1", "atoms closer than 0.5 Å (the validity floor)"),
+}
+
+
+@pytest.mark.parametrize("old, new, message", NONSENSE.values(), ids=NONSENSE)
+def test_a_cell_or_geometry_without_physical_sense_is_refused_not_repaired(old, new, message, hostile, tmp_path,
+                                                                           capsys):
+    good = (hostile / "good.cif").read_text()
+    assert old in good
+    bad = tmp_path / "bad.cif"
+    bad.write_text(good.replace(old, new))
+    assert cli.main(["serialize", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and message in captured.err

@@ -3,6 +3,8 @@ a standard CIF that VESTA, ASE and pymatgen read."""
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 from pymatgen.core import Element, Lattice, Structure  # noqa: F401  (Lattice: the docstring examples)
@@ -25,6 +27,7 @@ def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
     """
     from pymatgen.io.cif import CifParser
 
+    _check_cell(cif, name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -40,6 +43,29 @@ def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
             if not is_chemical_element(specie):
                 raise MalformedCIFError(f"{name}: site {index} holds {specie!s}, which is not a known element")
     return structure
+
+
+_CELL_VALUE = re.compile(r"^\s*_cell_(length_[abc]|angle_alpha|angle_beta|angle_gamma)\s+(\S+)", re.MULTILINE)
+
+
+def _check_cell(cif: str, name: str) -> None:
+    """MalformedCIFError for a cell pymatgen would read all the same: a length that is not a finite number above 0
+    (a negative one is read as its absolute value), an angle outside (0, 180) degrees.
+
+    >>> _check_cell("_cell_length_a -4.0", "x.cif")
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.MalformedCIFError: x.cif: _cell_length_a is -4.0: a length is a finite number of Å above 0
+    """
+    for key, text in _CELL_VALUE.findall(cif):
+        try:
+            value = float(text.split("(")[0])  # 5.64(2): a value and its uncertainty
+        except ValueError:
+            continue  # '?' or '.': pymatgen says what it makes of it
+        if key.startswith("length") and not (math.isfinite(value) and value > 0):
+            raise MalformedCIFError(f"{name}: _cell_{key} is {text}: a length is a finite number of Å above 0")
+        if key.startswith("angle") and not (math.isfinite(value) and 0 < value < 180):
+            raise MalformedCIFError(f"{name}: _cell_{key} is {text}: an angle lies between 0 and 180 degrees")
 
 
 def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFAULT_SYMPREC) -> str:
