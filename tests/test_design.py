@@ -9,6 +9,7 @@ from crystallm.design import Target, neutral_example, plan_design, run_design
 from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning
 from crystallm.evaluation.relaxation import RelaxationSettings
 from crystallm.generation.sampling import load_generator
+from crystallm.generation.settings import SamplingSettings
 from crystallm.model_folder import DEFAULT_MODEL
 from crystallm.properties.surrogates import fit_surrogate, save_surrogate
 
@@ -47,7 +48,8 @@ def test_a_design_run_funnels_ranks_writes_its_report_and_resumes(tmp_path):
     # The shipped model: an untrained one writes nothing valid, and a test over an empty shortlist proves nothing.
     model, tokenizer = load_generator(DEFAULT_MODEL, device="cpu")
     plan = plan_design(DEFAULT_MODEL, ["band_gap=1.0:8", "formation_energy_per_atom=-1.0:6"], num=8, top=3,
-                       batch_size=4, e_hull_max=50.0, relaxation=RelaxationSettings(steps=2))
+                       sampling=SamplingSettings(batch_size=4, guidance=2.0), e_hull_max=50.0,
+                       relaxation=RelaxationSettings(steps=2))
     funnel = run_design(model, tokenizer, plan, tmp_path / "design", progress=False)
     counts = list(funnel.values())
     assert list(funnel) == ["generated", "parsed", "valid", "unique", "novel", "within_tolerance", "stable"]

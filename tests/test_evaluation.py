@@ -46,7 +46,7 @@ def test_messy_zip_is_evaluated_to_the_end(messy_zip):
     assert summary["unreadable"] == 3 and summary["entries"] == 17
     assert summary["unreadable_reasons"] == {"MalformedCIFError: not a readable CIF": 1,
                                              "CrystaLLMInputError: empty entry": 1,
-                                             "CrystaLLMInputError: non-finite coordinates or lattice": 1}
+                                             "MalformedCIFError: cell length not a": 1}
 
 
 def test_a_corrupt_zip_and_a_folder_without_structures_are_one_line_errors(tmp_path, capsys):

@@ -258,6 +258,7 @@ def test_generation_folder_rebuilds_its_files_from_the_journal_after_a_torn_writ
     with open(tmp_path / "samples.jsonl", "a") as journal:
         journal.write('{"index": 2, "na')  # killed mid-line
     (tmp_path / "cifs.zip").write_bytes(b"PK\x03\x04 torn")
+    folder.close()  # the process that wrote it ends
     resumed = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4}, resume=True)
     assert resumed.finished == 2
     resumed.write(samples[2:])
@@ -286,6 +287,7 @@ def test_a_full_disk_keeps_what_was_written_and_says_how_to_go_on(tiny, tmp_path
         folder.write(samples[2:])
     assert (tmp_path / "cifs.zip").read_bytes() == before and not (tmp_path / "cifs.zip.partial").exists()
     monkeypatch.undo()
+    folder.close()  # the process that wrote it ends
     resumed = GenerationFolder(tmp_path, SamplingSettings(), {"num": 4}, resume=True)  # the journaled batch comes back
     assert resumed.finished == 4
 

@@ -11,5 +11,6 @@ batched sampling with Hugging Face `generate`, the refinement head at inference,
 
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import GeneratedSample, generate_structures, load_generator
+from crystallm.generation.settings import SamplingSettings
 
-__all__ = ["GeneratedSample", "Prompt", "generate_structures", "load_generator"]
+__all__ = ["GeneratedSample", "Prompt", "SamplingSettings", "generate_structures", "load_generator"]

@@ -91,6 +91,16 @@ class GenerationFolder:
         run = {key: value for key, value in run_json.items() if key not in ("sampling", "format_version")}
         return cls(directory, SamplingSettings.from_dict(run_json.get("sampling", {})), run, resume)
 
+    def close(self) -> None:
+        """End this object's hold on the folder (its writer lock); the process ending does the same."""
+        self._lock.close()
+
+    def __enter__(self) -> GenerationFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def settings(self) -> dict:
         """What run.json holds besides the weights: the run's description and its sampling settings."""

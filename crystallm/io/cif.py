@@ -55,7 +55,7 @@ def _check_cell(cif: str, name: str) -> None:
     >>> _check_cell("_cell_length_a -4.0", "x.cif")
     Traceback (most recent call last):
     ...
-    crystallm.errors.MalformedCIFError: x.cif: _cell_length_a is -4.0: a length is a finite number of Å above 0
+    crystallm.errors.MalformedCIFError: x.cif: cell length not a finite number of Å above 0 (_cell_length_a -4.0)
     """
     for key, text in _CELL_VALUE.findall(cif):
         try:
@@ -63,9 +63,9 @@ def _check_cell(cif: str, name: str) -> None:
         except ValueError:
             continue  # '?' or '.': pymatgen says what it makes of it
         if key.startswith("length") and not (math.isfinite(value) and value > 0):
-            raise MalformedCIFError(f"{name}: _cell_{key} is {text}: a length is a finite number of Å above 0")
+            raise MalformedCIFError(f"{name}: cell length not a finite number of Å above 0 (_cell_{key} {text})")
         if key.startswith("angle") and not (math.isfinite(value) and 0 < value < 180):
-            raise MalformedCIFError(f"{name}: _cell_{key} is {text}: an angle lies between 0 and 180 degrees")
+            raise MalformedCIFError(f"{name}: cell angle not between 0 and 180 degrees (_cell_{key} {text})")
 
 
 def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFAULT_SYMPREC) -> str:
