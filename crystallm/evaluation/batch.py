@@ -67,16 +67,21 @@ def _no_structures(source: str | Path, skipped: list[str]) -> CrystaLLMInputErro
                                f"rows){found}")
 
 
-def _check_readable(name: str | Path, role: str) -> None:
-    """CrystaLLMInputError unless the collection `name` holds a structure that can be read: a comparison with
-    nothing would report a number all the same. Stops at the first readable entry."""
-    for entry in iter_entries(name):
-        try:
-            structure_of_entry(entry)
-            return
-        except Exception:  # noqa: BLE001  (any entry that cannot be read: the next one may be)
-            continue
-    raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
+def _check_readable(collections: dict[str, str | Path | None]) -> None:
+    """CrystaLLMInputError unless each named collection (role: name) holds a structure that can be read: a
+    comparison with nothing would report a number all the same. Stops at each one's first readable entry; checked
+    before the input is scored."""
+    for role, name in collections.items():
+        if name and not any(_readable(entry) for entry in iter_entries(name)):
+            raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
+
+
+def _readable(entry) -> bool:
+    try:
+        structure_of_entry(entry)
+        return True
+    except Exception:  # noqa: BLE001  (any entry that cannot be read: the next one may be)
+        return False
 
 
 def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, test: str | None = None,
@@ -95,10 +100,8 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     from tqdm import tqdm
 
     start = time.perf_counter()
-    for name, role in ((test, "test set"), (csp.targets if csp else None, "CSP targets"),
-                       (reference if isinstance(reference, (str, Path)) else None, "novelty reference")):
-        if name:  # checked before the input is scored
-            _check_readable(name, role)
+    _check_readable({"test set": test, "CSP targets": csp.targets if csp else None,
+                     "novelty reference": reference if isinstance(reference, (str, Path)) else None})
     skipped: list[str] = []
     entries = iter_entries(source, skipped, options.inputs)
     first = next(entries, None)  # opens the source: a missing or unreadable one fails here, before any progress

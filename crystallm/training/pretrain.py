@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from crystallm import data
 from crystallm.compute import bf16_pays
 from crystallm.modeling import CrystaLLMOutput
 from crystallm.training.collator import PretrainingCollator, epoch_batches, held_out_split
@@ -88,7 +89,6 @@ def pretrain(settings: PretrainingSettings) -> Path:
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from crystallm import data
     from crystallm.configuration import CrystaLLMConfig
     from crystallm.modeling import CrystaLLMForCausalLM
     from crystallm.tokenization import CrystaLLMTokenizer
@@ -98,12 +98,8 @@ def pretrain(settings: PretrainingSettings) -> Path:
     torch.manual_seed(seed)
     accelerator = make_accelerator(settings)
     tokenizer = CrystaLLMTokenizer.from_format()
-    corpus = data.load_texts(settings.corpus, settings.max_rows)
-    if settings.exclude_sources:  # a part of the corpus only
-        unwanted = set(settings.exclude_sources)
-        corpus = corpus.filter(lambda batch: [source not in unwanted for source in batch["source"]], batched=True)
-    texts = corpus["text"]
-    train_texts, eval_texts = held_out_split(texts, seed, settings.eval_rows)
+    corpus = _corpus(settings)
+    train_texts, eval_texts = held_out_split(corpus["text"], seed, settings.eval_rows)
     test_sets = {name: data.sample_texts(settings.test_file, source, settings.test_rows, seed)
                  for name, source in settings.test_sets.items()}
 
@@ -113,22 +109,7 @@ def pretrain(settings: PretrainingSettings) -> Path:
         model = CrystaLLMForCausalLM.from_pretrained(settings.init_from, config=model_config)
     else:
         model = CrystaLLMForCausalLM(model_config)
-    views = None
-    if model_config.contrastive_weight:
-        with accelerator.main_process_first():  # one process makes the views, the others read the cache
-            corpus = data.add_hard_views(corpus, seed, settings.num_proc)
-        views = dict(zip(corpus["text"], corpus["view"]))
-    descriptions = None
-    if settings.augment_descriptions:
-        with accelerator.main_process_first():
-            corpus = data.add_descriptions(corpus, settings.num_proc)
-        held_out = set(eval_texts)  # held-out losses stay on the canonical texts
-        descriptions = {text: options for text, options in zip(corpus["text"], corpus["descriptions"])
-                        if text not in held_out}
-    collator = PretrainingCollator(tokenizer, max_length=model_config.n_positions,
-                                   masked_atom=bool(model_config.masked_atom_weight),
-                                   contrastive=bool(model_config.contrastive_weight), seed=seed, views=views,
-                                   descriptions=descriptions)
+    collator = _collator(settings, accelerator, tokenizer, model_config, corpus, eval_texts)
     batch_size = settings.batch_size
     auxiliary_every = settings.auxiliary_every
     lengths = np.array([len(text) for text in train_texts])  # characters: a cheap stand-in for tokens
@@ -233,6 +214,38 @@ def pretrain(settings: PretrainingSettings) -> Path:
             accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def _corpus(settings: PretrainingSettings):
+    """The corpus texts the settings train on (a `datasets.Dataset`: id, source, text)."""
+    corpus = data.load_texts(settings.corpus, settings.max_rows)
+    if settings.exclude_sources:  # a part of the corpus only
+        unwanted = set(settings.exclude_sources)
+        corpus = corpus.filter(lambda batch: [source not in unwanted for source in batch["source"]], batched=True)
+    return corpus
+
+
+def _collator(settings: PretrainingSettings, accelerator, tokenizer, model_config, corpus,
+              eval_texts: list[str]) -> PretrainingCollator:
+    """The collator of the objectives the model's config enables, with the hard views (contrastive) and the
+    equivalent texts (`augment_descriptions`) it draws from, made once (one process makes them, the others read
+    the `datasets` cache)."""
+    views = None
+    if model_config.contrastive_weight:
+        with accelerator.main_process_first():
+            corpus = data.add_hard_views(corpus, settings.seed, settings.num_proc)
+        views = dict(zip(corpus["text"], corpus["view"]))
+    descriptions = None
+    if settings.augment_descriptions:
+        with accelerator.main_process_first():
+            corpus = data.add_descriptions(corpus, settings.num_proc)
+        held_out = set(eval_texts)  # held-out losses stay on the canonical texts
+        descriptions = {text: options for text, options in zip(corpus["text"], corpus["descriptions"])
+                        if text not in held_out}
+    return PretrainingCollator(tokenizer, max_length=model_config.n_positions,
+                               masked_atom=bool(model_config.masked_atom_weight),
+                               contrastive=bool(model_config.contrastive_weight), seed=settings.seed, views=views,
+                               descriptions=descriptions)
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -> None:
