@@ -70,6 +70,8 @@ def pickled_model(tiny_model_dir, tmp_path_factory):
 
 
 FAMILIES = {
+    "malformed CIF": [(["substitute", "{h}/junk/a.cif", "--model", "{m}", "--element", "Na"], "not a readable CIF"),
+                      (["embed", "{h}/junk/b.cif", "--model", "{m}"], "no readable structure to embed")],
     "extxyz": [(["evaluate", "{h}/lattice.extxyz"], "lattice.extxyz: frame 0 is not extended XYZ"),
                (["evaluate", "{h}/short.extxyz"], "short.extxyz: frame 0 is not extended XYZ")],
     "CSV": [(["evaluate", "{h}/no-columns.csv"], "a CSV needs a 'cif' or 'text' column")],

@@ -187,3 +187,23 @@ def test_threads_follow_the_free_cores_and_the_option(monkeypatch, tiny_model_di
                      "--out", str(tmp_path / "free")]) == 0
     assert torch.get_num_threads() == allowed
     torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_two_generate_processes_at_once_give_the_texts_each_gives_alone(tiny_model_dir, tmp_path):
+    """Under load (issue 36): two runs side by side, each choosing its threads from the free cores, write the
+    texts they write alone."""
+    def command(out, seed):
+        return [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--num", "24",
+                "--batch-size", "8", "--max-atoms", "24", "--seed", str(seed), "--quiet", "--out", str(out)]
+
+    def texts(out):
+        return [json.loads(line)["text"] for line in (out / "samples.jsonl").read_text().splitlines()]
+
+    for seed in (0, 1):
+        subprocess.run(command(tmp_path / f"alone-{seed}", seed), check=True, capture_output=True)
+    together = [subprocess.Popen(command(tmp_path / f"together-{seed}", seed), stderr=subprocess.PIPE)
+                for seed in (0, 1)]
+    assert [process.wait() for process in together] == [0, 0]
+    for seed in (0, 1):
+        assert texts(tmp_path / f"together-{seed}") == texts(tmp_path / f"alone-{seed}")
