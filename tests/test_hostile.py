@@ -49,6 +49,8 @@ def hostile(tmp_path_factory):
     rng = torch.Generator().manual_seed(0)
     big = Structure(Lattice.cubic(30), ["Na", "Cl"] * 250, torch.rand(500, 3, generator=rng).numpy())
     (folder / "big.cif").write_text(big.to(fmt="cif"))
+    huge = Structure(Lattice.cubic(1e6), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])  # a pattern would take minutes
+    (folder / "huge-cell.cif").write_text(huge.to(fmt="cif"))
     return folder
 
 
@@ -91,7 +93,9 @@ FAMILIES = {
                            (["generate", "--model", "{m}", "--top-p", "nan"], "top-p nan"),
                            (["generate", "--model", "{m}", "--min-distance", "inf"], "min distance inf")],
     "oversized structures": [(["substitute", "{h}/big.cif", "--model", "{m}", "--element", "Na"],
-                              "more than the model reads")],
+                              "more than the model reads"),
+                             (["generate", "--model", "{m}", "--xrd", "{h}/huge-cell.cif", "--formula", "NaCl"],
+                              "huge-cell.cif: a cell of 1e+18 Å³; patterns are computed for cells up to 5000 Å³")],
     "non-safetensors model folders": [
         (["generate", "--model", "{p}"], "holds no safetensors weights (pytorch_model.bin refused"),
         (["embed", "{h}/good.cif", "--model", "{p}"], "holds no safetensors weights"),

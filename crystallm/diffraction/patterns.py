@@ -166,7 +166,11 @@ class PowderPattern:
         if suffix == ".cif":
             from crystallm.io import cif
 
-            peaks = Peaks.from_structure(cif.structure_from_cif(text, str(path)))
+            structure = cif.structure_from_cif(text, str(path))
+            if structure.volume > MAX_VOLUME:  # its reflections would take minutes to list, and fit no cell here
+                raise CrystaLLMInputError(f"pattern {path}: a cell of {structure.volume:.3g} Å³; patterns are "
+                                          f"computed for cells up to {MAX_VOLUME:.0f} Å³")
+            peaks = Peaks.from_structure(structure)
             return cls(GRID.copy(), peaks.to_profile().astype(float), str(path))
         return cls.from_columns(_numeric_rows(text.splitlines(), path), str(path))
 
