@@ -660,7 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = show
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices, not the user's
         warnings.filterwarnings("ignore", message="No Pauling electronegativity")  # pymatgen, for noble gases
-        try:
+        import torch
+
+        threads = torch.get_num_threads()  # the command's choice lasts as long as the command (a library user
+        try:                                 # calling main() keeps its own)
             if hasattr(args, "threads"):
                 from crystallm.compute import use_threads
 
@@ -672,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: what is finished is on disk; say so in one line, not a traceback
             print(f"crystallm {args.command}: interrupted{_kept(args)}", file=sys.stderr)
             return 130
+        finally:
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -174,19 +174,20 @@ def test_threads_follow_the_free_cores_and_the_option(monkeypatch, tiny_model_di
 
     from crystallm import cli, compute
 
-    allowed, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    allowed, before, setter = len(os.sched_getaffinity(0)), torch.get_num_threads(), torch.set_num_threads
     monkeypatch.setattr(compute, "_others_running", lambda: 0)
     assert compute.free_cores(samples=1) == allowed
     monkeypatch.setattr(compute, "_others_running", lambda: allowed + 3)  # a busy machine: one thread still
     assert compute.free_cores(samples=1) == 1
+    chosen = []
+    monkeypatch.setattr(compute.torch, "set_num_threads", lambda n: chosen.append(n) or setter(n))
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--num", "2", "--max-atoms", "8", "--quiet",
                      "--out", str(tmp_path / "one"), "--threads", "1"]) == 0
-    assert torch.get_num_threads() == 1
+    assert chosen == [1, before] and torch.get_num_threads() == before  # the choice ends with the command
     monkeypatch.setattr(compute, "_others_running", lambda: 0)
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--num", "2", "--max-atoms", "8", "--quiet",
                      "--out", str(tmp_path / "free")]) == 0
-    assert torch.get_num_threads() == allowed
-    torch.set_num_threads(before)
+    assert chosen == [1, before, allowed, before]
 
 
 @pytest.mark.slow
