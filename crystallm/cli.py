@@ -1,8 +1,12 @@
-"""The `crystallm` command line. Each subcommand is a thin wrapper over a library function."""
+"""The `crystallm` command line. Each subcommand is a thin wrapper over a library function.
+
+Each subcommand imports the parts of the library it calls inside its function, so a command loads only its own
+subsystem (training, design, the Hub, CHGNet, plotting), not all of them."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -11,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crystallm import symmetry, validity
-from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning, InvalidStructureError
+from crystallm.errors import CrystaLLMInputError, CrystaLLMWarning, InvalidStructureError, OutputWriteError
 from crystallm.evaluation.readers import CIF_SUFFIXES
+from crystallm.evaluation.relaxation import POTENTIALS, RelaxationSettings
 from crystallm.io import cif, text_format
 from crystallm.io.files import MAX_FILE_BYTES, InputPolicy, folder_files, read_bytes
 
@@ -57,6 +62,7 @@ def cmd_serialize(args: argparse.Namespace) -> int:
     # A file is written whole or not at all: into a scratch file moved into place at the end.
     scratch = Path(f"{args.out}.partial") if args.out else None
     out = open(scratch, "w") if scratch else sys.stdout
+    written = 0
     try:
         for path in files:
             try:
@@ -68,14 +74,22 @@ def cmd_serialize(args: argparse.Namespace) -> int:
                 failed += 1
                 _report(str(path), result.error)
                 continue
-            out.write(f"{result.text}\n\n")
-            out.flush()
-        if scratch:
+            try:
+                out.write(f"{result.text}\n\n")
+                out.flush()
+            except OSError as error:
+                raise OutputWriteError(f"{args.out or 'standard output'}: cannot write ({error.strerror or error}); "
+                                       f"nothing written") from None
+            written += 1
+        if scratch and written:
             out.close()
             os.replace(scratch, args.out)
+        elif scratch:
+            _report(args.out, "no structure serialized; not written")
     finally:
         if scratch:
-            out.close()
+            with contextlib.suppress(OSError):  # closing flushes, and a full disk refuses that too
+                out.close()
             scratch.unlink(missing_ok=True)
     return 1 if failed else 0
 
@@ -148,19 +162,18 @@ def cmd_symmetry(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a collection of structures and print/write the set-level metrics."""
     from crystallm.data import read_ids
-    from crystallm.evaluation import reports
-    from crystallm.evaluation.batch import EvaluationOptions, StabilityTask, evaluate
+    from crystallm.evaluation import metrics, reports
+    from crystallm.evaluation.batch import EvaluationOptions, evaluate
     from crystallm.evaluation.csp import CSPTask
-    from crystallm.evaluation.relaxation import RelaxationSettings
+    from crystallm.evaluation.relaxation import StabilityTask
 
     options = EvaluationOptions(coverage=args.coverage, bond_lengths=args.bonds, num_proc=args.num_proc,
                                 ray=args.ray, limit=args.limit, ids=tuple(read_ids(args.ids)) if args.ids else None,
                                 plots=args.plots, records_path=args.records, progress=not args.quiet,
                                 neighbours=args.neighbours, inputs=_policy(args))
     csp = CSPTask(args.csp, args.csp_ids, tuple(args.attempts)) if args.csp else None
-    stability = StabilityTask(RelaxationSettings(steps=args.relax_steps, fmax=args.relax_fmax,
-                                                 max_seconds=args.relax_seconds), args.stability_cache) \
-        if args.stability else None
+    stability = StabilityTask(_relaxation(args, fmax=args.relax_fmax, max_seconds=args.relax_seconds),
+                              args.stability_cache) if args.stability else None
     reference = args.reference
     if args.reference_embeddings:
         if not args.reference:
@@ -170,11 +183,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reference = knn_reference(args.reference, args.reference_embeddings)
     summary = evaluate(args.input, reference=reference, test=args.test, csp=csp, stability=stability,
                        options=options)
-    print(reports.markdown_table(summary))
+    for name in (summary.get("skipped") or {}).get("names", []):  # refused entries carry their reason
+        print(f"skipped: {name}", file=sys.stderr)
+    print(metrics.markdown_table(summary))
     if args.json:
         reports.write_json(summary, args.json)
     if args.markdown:
-        reports.write_markdown(summary, args.markdown)
+        metrics.write_markdown(summary, args.markdown)
     return 0
 
 
@@ -217,7 +232,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystallm.compute import bf16_pays
     from crystallm.diffraction.encoder import PATTERN_ADAPTER
     from crystallm.diffraction.patterns import PowderPattern
-    from crystallm.evaluation import reports
+    from crystallm.evaluation import metrics
     from crystallm.generation.prompt import Prompt
     from crystallm.generation.run_folder import GenerationFolder, generate_into, merge_shards, shard_directory
     from crystallm.generation.sampling import load_generator
@@ -277,13 +292,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         folder = GenerationFolder(args.out, sampling, run, resume=args.resume)
         summary = generate_into(folder, model, tokenizer, prompt, num=args.num, progress=not args.quiet)
-    print(reports.markdown_table(summary))
+    print(metrics.markdown_table(summary))
     print(f"wrote {folder.finished} structures to {folder.directory}/ (cifs.zip, structures.extxyz, summary.csv, "
           f"summary.json)")
     if pattern:
         _rank_by_pattern(folder, pattern)
-    if args.rank == "chgnet":
-        _rank_by_chgnet(folder, args.relax_steps, progress=not args.quiet)
+    if args.rank:
+        _rank_by_energy(folder, _relaxation(args), progress=not args.quiet)
     return 0
 
 
@@ -322,41 +337,40 @@ def _rank_by_pattern(folder, pattern) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Join complete shard folders into one generation folder."""
-    from crystallm.evaluation import reports
+    from crystallm.evaluation import metrics
     from crystallm.generation.run_folder import merge_shards
 
     folder = merge_shards(args.out)
-    print(reports.markdown_table(folder.finish()))
+    print(metrics.markdown_table(folder.finish()))
     print(f"merged {folder.finished} structures into {folder.directory}/")
     return 0
 
 
-def _rank_by_chgnet(folder, steps: int, progress: bool) -> None:
-    """Relax every structurally valid sample (at most `steps` FIRE steps; 0: as generated) and write ranking.csv,
-    lowest CHGNet energy per atom first."""
+def _rank_by_energy(folder, settings: RelaxationSettings, progress: bool) -> None:
+    """Relax every structurally valid sample (at most `settings.steps` FIRE steps; 0: as generated) and write
+    ranking.csv, lowest energy per atom by the settings' potential first."""
     from pymatgen.core import Structure
 
     from crystallm.evaluation import reports
-    from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
+    from crystallm.evaluation.relaxation import rank_by_energy
 
-    ranking = rank_by_energy(folder.valid_structures(), folder.directory / "stability.jsonl",
-                             RelaxationSettings(steps=steps), progress=progress)
+    ranking = rank_by_energy(folder.valid_structures(), folder.directory / "stability.jsonl", settings,
+                             progress=progress)
     columns = ("rank", "name", "formula", "energy_per_atom", "e_above_hull", "rmsd", "converged", "error")
     rows = [{key: record.get(key) for key in columns} | {"formula": Structure.from_dict(
         record["relaxed"]).composition.reduced_formula if "relaxed" in record else ""} for record in ranking]
     reports.write_csv(rows, folder.directory / "ranking.csv")
     for row in rows[:5]:
-        energy = "failed: " + row["error"] if row["error"] else f"{row['energy_per_atom']:.4f} eV/atom (CHGNet), " \
-            f"E_hull {row['e_above_hull']:.3f}"
+        energy = "failed: " + row["error"] if row["error"] else \
+            f"{row['energy_per_atom']:.4f} eV/atom ({settings.potential}), E_hull {row['e_above_hull']:.3f}"
         print(f"{row['rank']}. {row['name']} {row['formula']}: {energy}")
-    how = f"relaxed (at most {steps} FIRE steps)" if steps else "as generated"
-    print(f"ranked {len(rows)} structures by CHGNet energy, {how}: {folder.directory}/ranking.csv")
+    how = f"relaxed (at most {settings.steps} FIRE steps)" if settings.steps else "as generated"
+    print(f"ranked {len(rows)} structures by {settings.potential} energy, {how}: {folder.directory}/ranking.csv")
 
 
 def cmd_design(args: argparse.Namespace) -> int:
     """Property targets -> candidates -> a screened, ranked shortlist (see `crystallm.design`)."""
     from crystallm.design import plan_design, run_design
-    from crystallm.evaluation.relaxation import RelaxationSettings
     from crystallm.generation.sampling import load_generator
     from crystallm.generation.settings import SamplingSettings
     from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
@@ -365,7 +379,7 @@ def cmd_design(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(seed=args.seed, batch_size=args.batch_size, guidance=args.guidance)
     plan = plan_design(folder, args.target, args.elements or args.chemical_system, num=args.num, top=args.top,
                        e_hull_max=args.e_hull_max, sampling=sampling,
-                       relaxation=RelaxationSettings(steps=args.relax_steps))
+                       relaxation=_relaxation(args))
     model, tokenizer = load_generator(folder, args.device)  # every input is checked before this
     funnel = run_design(model, tokenizer, plan, args.out, progress=not args.quiet)
     print(" -> ".join(f"{stage} {count}" for stage, count in funnel.items()))
@@ -375,14 +389,13 @@ def cmd_design(args: argparse.Namespace) -> int:
 
 def cmd_substitute(args: argparse.Namespace) -> int:
     """A known crystal -> its element substitutions ranked by the masked-atom pass, as CIFs and candidates.csv."""
-    from crystallm.evaluation.relaxation import RelaxationSettings
     from crystallm.generation.sampling import load_generator
-    from crystallm.substitute import write_substitutions
+    from crystallm.generation.substitution import write_substitutions
 
     text = _text_or_cif(args.structure)
     model, tokenizer = load_generator(args.model, args.device)
     rows = write_substitutions(model, tokenizer, text, args.out, args.element, args.sites, args.top,
-                               args.charge_neutral, RelaxationSettings(steps=args.relax_steps) if args.relax else None,
+                               args.charge_neutral, _relaxation(args) if args.relax else None,
                                progress=not args.quiet)
     for row in rows:
         energy = f"  E_hull {row['e_above_hull']} eV/atom" if row.get("e_above_hull") is not None else ""
@@ -450,6 +463,23 @@ def _add_input_policy(parser: argparse.ArgumentParser) -> None:
                         help=f"larger files in an input folder are refused (default {MAX_FILE_BYTES // 2**20})")
 
 
+def _add_relaxation(parser: argparse.ArgumentParser, steps_type=None, steps_help: str = "FIRE steps at most per "
+                    "structure", potential: bool = True) -> None:
+    """--relax-steps, --potential and --hull: how structures are relaxed and where they are placed."""
+    parser.add_argument("--relax-steps", type=steps_type or POSITIVE, default=100, help=steps_help)
+    if potential:
+        parser.add_argument("--potential", choices=list(POTENTIALS), default="chgnet", help="the potential that "
+                            "relaxes (sevennet: SevenNet-l3i5, needs pip install crystallm[sevennet]; default chgnet)")
+    parser.add_argument("--hull", metavar="FILE", help="hull file to place relaxed structures on (default: the "
+                        "approximate hull the package ships; eval/mp_hull.py writes MP's own, for measurement)")
+
+
+def _relaxation(args: argparse.Namespace, **settings) -> RelaxationSettings:
+    """The relaxation settings of a command's --relax-steps, --potential (or --rank) and --hull."""
+    potential = getattr(args, "potential", None) or args.rank
+    return RelaxationSettings(steps=args.relax_steps, potential=potential, hull=args.hull, **settings)
+
+
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=POSITIVE, help="torch threads (default: the cores free to this process, "
                         "so a busy neighbour is not fought over)")
@@ -496,11 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--attempts", type=POSITIVE, nargs="+", default=[1, 20], help="n for CSP match rates")
     evaluate.add_argument("--coverage", action="store_true", help="COV-R/COV-P (CrystalNN fingerprints: slower)")
     evaluate.add_argument("--bonds", action="store_true", help="bond-length reasonableness (CrystalNN: slower)")
-    evaluate.add_argument("--stability", action="store_true", help="relax the structurally valid structures with "
-                          "CHGNet: E_hull against an approximate hull, RMSD, S.U.N. rate (with --reference); resumable")
+    evaluate.add_argument("--stability", action="store_true", help="relax the structurally valid structures "
+                          "(--potential): E_hull against a hull (--hull), RMSD, S.U.N. rate (with --reference); "
+                          "resumable")
     evaluate.add_argument("--stability-cache", help="JSON-lines file of relaxation results, kept between runs "
                           "(default: stability.jsonl in the input folder, or beside the input file)")
-    evaluate.add_argument("--relax-steps", type=POSITIVE, default=100, help="FIRE steps at most per structure")
+    _add_relaxation(evaluate)
     evaluate.add_argument("--relax-fmax", type=POSITIVE_FLOAT, default=0.1, help="converged below this force, eV/Å")
     evaluate.add_argument("--relax-seconds", type=POSITIVE_FLOAT, default=60.0, help="time limit per structure")
     evaluate.add_argument("--json")
@@ -546,11 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "samples are ranked by agreement with it")
     generate.add_argument("--attempts", type=POSITIVE, dest="num", default=argparse.SUPPRESS,
                           help="the same as --num (CSP: attempts at a formula)")
-    generate.add_argument("--rank", choices=["chgnet"], help="relax every valid sample with CHGNet and write "
-                          "ranking.csv, lowest energy first (the best CSP guess first)")
-    generate.add_argument("--relax-steps", type=COUNT, default=100, help="with --rank chgnet: FIRE steps at most "
-                          "per sample; 0 ranks by the energy as generated (on 100 CSP targets as good a ranking as "
-                          "relaxed, in 1/80 of the time)")
+    generate.add_argument("--rank", choices=list(POTENTIALS), metavar="POTENTIAL", help="relax every valid sample "
+                          f"with this potential ({', '.join(POTENTIALS)}) and write ranking.csv, lowest energy first "
+                          "(the best CSP guess first)")
+    _add_relaxation(generate, COUNT, "with --rank: FIRE steps at most per sample; 0 ranks by the energy as generated "
+                    "(on 100 CSP targets as good a ranking as relaxed, in 1/80 of the time)", potential=False)
     generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
     generate.add_argument("--batch-size", type=POSITIVE, default=64)
     generate.add_argument("--seed", type=COUNT, default=0)
@@ -593,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--top", type=POSITIVE, default=50, help="length of the shortlist")
     design.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     design.add_argument("--e-hull-max", type=POSITIVE_FLOAT, default=0.1, help="E_hull threshold, eV/atom")
-    design.add_argument("--relax-steps", type=POSITIVE, default=100, help="CHGNet FIRE steps at most per structure")
+    _add_relaxation(design)
     design.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
     design.add_argument("--out", default="design", help="output folder (default ./design); rerun to resume")
     design.add_argument("--seed", type=COUNT, default=0)
@@ -603,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     design.set_defaults(run=cmd_design)
 
     substitute = commands.add_parser("substitute", help="rank element substitutions of a known crystal "
-                                     "(masked-atom pass), optionally relaxed by CHGNet")
+                                     "(masked-atom pass), optionally relaxed (CHGNet or SevenNet)")
     _add_threads(substitute)
     substitute.add_argument("structure", type=Path, help="a CIF or a crystallm text file")
     which = substitute.add_mutually_exclusive_group(required=True)
@@ -612,9 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(0-based, as `crystallm serialize` lists them; one element)")
     substitute.add_argument("--top", type=POSITIVE, default=10, help="how many candidates (default 10)")
     substitute.add_argument("--charge-neutral", action="store_true", help="keep SMACT charge-neutral formulas only")
-    substitute.add_argument("--relax", action="store_true", help="relax each candidate with CHGNet; E_hull against "
-                            "the approximate hull (resumable through OUT/stability.jsonl)")
-    substitute.add_argument("--relax-steps", type=POSITIVE, default=100, help="FIRE steps at most per structure")
+    substitute.add_argument("--relax", action="store_true", help="relax each candidate (--potential); E_hull "
+                            "against a hull (--hull; resumable through OUT/stability.jsonl)")
+    _add_relaxation(substitute)
     substitute.add_argument("--out", required=True, help="output folder")
     substitute.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
     substitute.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")

@@ -10,7 +10,7 @@ class CrystaLLMConfig(GPT2Config):
 
     Dropout defaults to 0: on CPU, attention dropout makes SDPA fall back to its slow path (2-3x slower).
     The three pretraining objectives have a weight each; a weight of 0 switches that objective off. `refiner`
-    (a dict of `crystallm.modeling.CrystalRefiner` arguments, or None) adds the geometry refinement head.
+    (a dict of `crystallm.refinement.CrystalRefiner` arguments, or None) adds the geometry refinement head.
 
     >>> config = CrystaLLMConfig(n_layer=2, n_embd=64, n_head=4)
     >>> config.model_type, config.n_layer, config.attn_pdrop

@@ -22,8 +22,11 @@ import datasets
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
+from crystallm import symmetry, tokenization
+from crystallm.diffraction import patterns
+from crystallm.diffraction.patterns import Peaks
 from crystallm.errors import CrystaLLMInputError
-from crystallm.io import text_format
+from crystallm.io import round_trip, text_format
 
 PROPERTY_UNITS = {
     "formation_energy_per_atom": "eV/atom",
@@ -159,9 +162,6 @@ def load_split(benchmark: str, split: str) -> datasets.Dataset:
 def format_fingerprint(*extra: str) -> str:
     """A hash of the code that writes and tokenizes texts, for `datasets` cache keys: datasets hashes a
     mapped function by reference, so without this an edit of the format could serve stale cached texts."""
-    from crystallm import symmetry, tokenization
-    from crystallm.io import round_trip, text_format
-
     digest = hashlib.sha256()
     for module in (text_format, symmetry, tokenization, round_trip):
         digest.update(Path(module.__file__).read_bytes())
@@ -221,8 +221,6 @@ def add_descriptions(dataset: datasets.Dataset, num_proc: int | None = None) -> 
 
 
 def _diffraction_rows(batch: dict) -> dict:
-    from crystallm.diffraction.patterns import Peaks
-
     rows = [Peaks.from_structure(text_format.parse_structure(text)).to_row() for text in batch["text"]]
     return {key: [row[key] for row in rows] for key in ("peak_two_theta", "peak_intensity", "peak_direction")}
 
@@ -235,8 +233,6 @@ def add_diffraction_peaks(dataset: datasets.Dataset, num_proc: int | None = None
     >>> [len(row["peak_two_theta"]) > 0 for row in add_diffraction_peaks(texts)]
     [True, True]
     """
-    from crystallm.diffraction import patterns
-
     code = hashlib.sha256(Path(patterns.__file__).read_bytes()).hexdigest()  # a change there invalidates the cache
     return dataset.map(_diffraction_rows, batched=True, batch_size=64, num_proc=num_proc, desc="XRD peaks",
                        new_fingerprint=format_fingerprint("diffraction-peaks", code, dataset._fingerprint))

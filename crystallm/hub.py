@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from crystallm.adapters import ADAPTERS_FOLDER, available_adapters
 from crystallm.errors import CrystaLLMInputError
 from crystallm.model_card import MODEL_FILES
 from crystallm.model_folder import REPO_ID, TRAINING_CORPUS, check_model_folder
@@ -30,8 +31,6 @@ def files_to_push(folder: Path, adapters: list[str] | None = None) -> list[str]:
     ['adapters/band_gap/adapter_config.json', 'adapters/band_gap/adapter_model.safetensors', \
 'surrogates/band_gap/predictor.skops', 'surrogates/band_gap/report.json']
     """
-    from crystallm.adapters import ADAPTERS_FOLDER, available_adapters
-
     available = available_adapters(folder)
     chosen = available if adapters is None else adapters
     unknown = [name for name in chosen if name not in available]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crystallm.evaluation import reports
+from crystallm.evaluation import metrics
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json")  # the transformers files; the corpus, adapters and surrogates come beside
@@ -51,5 +51,5 @@ def render_model_card(title: str, description: str, training: dict, command: str
         lines += ["", notes.strip()]
     lines += ["", "Config:", "", "```yaml", config_text.strip(), "```"]
     for label, summary in (results or {}).items():
-        lines += ["", f"## {label}", "", reports.markdown_table(summary)]
+        lines += ["", f"## {label}", "", metrics.markdown_table(summary)]
     return "\n".join(lines) + "\n"

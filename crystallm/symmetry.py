@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 import spglib
 from pymatgen.core import Lattice, Structure
+from pymatgen.core.operations import SymmOp
 from pyxtal.symmetry import Group, pyxtal_hall_numbers
 
 from crystallm.errors import InvalidStructureError, WyckoffLocationError
@@ -238,8 +239,6 @@ def origin_choices(space_group: int) -> tuple[tuple[np.ndarray, np.ndarray], ...
     >>> [translation.tolist() for _, translation in origin_choices(225)]
     [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]
     """
-    from pymatgen.core.operations import SymmOp
-
     operations = [SymmOp.from_xyz_str(xyz) for xyz in Group(space_group).get_alternatives()["Coset Representative"]]
     return tuple((np.array(op.rotation_matrix, dtype=float), np.array(op.translation_vector, dtype=float))
                  for op in operations)
@@ -281,6 +280,14 @@ class StandardCell:
     orbit_ids: np.ndarray  # for each atom, an id shared by the atoms of its orbit (spglib crystallographic_orbits)
 
 
+def check_ordered(structure: Structure, why: str) -> None:
+    """InvalidStructureError naming the first site that holds several elements or a vacancy, and `why` that
+    matters (the one wording of this refusal, for spglib and for the text format)."""
+    if not structure.is_ordered:
+        index, site = next((i, s) for i, s in enumerate(structure) if not s.is_ordered)
+        raise InvalidStructureError(f"disordered (site {index} holds {site.species.formula}): {why}")
+
+
 def structure_to_cell(structure: Structure) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The (lattice, fractional positions, atomic numbers) triple that spglib takes. A structure spglib cannot
     take (a site of several elements or a vacancy; a non-finite cell or position, which crashes it) raises
@@ -292,10 +299,7 @@ def structure_to_cell(structure: Structure) -> tuple[np.ndarray, np.ndarray, lis
     ...
     crystallm.errors.InvalidStructureError: disordered (site 0 holds K0.5 Na0.5): spglib needs one element per site
     """
-    if not structure.is_ordered:
-        index, site = next((i, s) for i, s in enumerate(structure) if not s.is_ordered)
-        raise InvalidStructureError(f"disordered (site {index} holds {site.species.formula}): spglib needs one "
-                                    f"element per site")
+    check_ordered(structure, "spglib needs one element per site")
     if not (np.isfinite(structure.lattice.matrix).all() and np.isfinite(structure.frac_coords).all()):
         raise InvalidStructureError("the cell or a position is not a finite number")
     return (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])

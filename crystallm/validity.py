@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from pymatgen.core import Composition, Structure
@@ -76,7 +77,6 @@ def bond_length_reasonableness(structure: Structure, tolerance: float = 0.32, hy
     ...     [[0, 0, 0], [.5, .5, .5]]))
     1.0
     """
-    import warnings
 
     from pymatgen.analysis.local_env import CrystalNN
 

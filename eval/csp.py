@@ -24,7 +24,7 @@ from crystallm import data
 from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import PATTERN_ADAPTER
 from crystallm.diffraction.patterns import rank_by_agreement
-from crystallm.evaluation import batch, csp, reports
+from crystallm.evaluation import batch, csp, metrics, reports
 from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
@@ -85,8 +85,8 @@ def main() -> None:
     if before_fit is not None:
         summary["csp lattice n=1, before the fit"] = before_fit
     reports.write_json(summary, out / "summary.json")
-    reports.write_markdown(summary, out / "summary.md")
-    print(reports.markdown_table(summary))
+    metrics.write_markdown(summary, out / "summary.md")
+    print(metrics.markdown_table(summary))
 
 
 if __name__ == "__main__":

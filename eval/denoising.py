@@ -1,4 +1,4 @@
-"""Stage: held-out denoising of the refinement head (crystallm/generation/refinement.py): real test structures
+"""Stage: held-out denoising of the refinement head (crystallm/refinement/): real test structures
 noised at known levels (as in training, written as text), refined from that level, their error before and after;
 a curve over the noise level, as numbers and a plot.
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from crystallm import data
 from crystallm.evaluation import reports
-from crystallm.generation.refinement import denoising_errors
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
+from crystallm.refinement import denoising_errors
 from crystallm.stage_config import read_stage_config
 
 

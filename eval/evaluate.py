@@ -7,7 +7,7 @@ Writes `<output_dir>/summary.json`, `summary.md`, `records.jsonl` (one line per 
 
 from pathlib import Path
 
-from crystallm.evaluation import CSPTask, EvaluationOptions, batch, reports
+from crystallm.evaluation import CSPTask, EvaluationOptions, batch, metrics, reports
 from crystallm.stage_config import read_stage_config
 
 
@@ -21,8 +21,8 @@ def main() -> None:
     summary = batch.evaluate(config["input"], reference=config.get("reference"), test=config.get("test"), csp=csp,
                              options=options)
     reports.write_json(summary, out / "summary.json")
-    reports.write_markdown(summary, out / "summary.md")
-    print(reports.markdown_table(summary))
+    metrics.write_markdown(summary, out / "summary.md")
+    print(metrics.markdown_table(summary))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ exhaustive matching does (StructureMatcher never matches two formulas). Embeds t
 embed`) if its embeddings file is missing.
 """
 
-import copy
 import time
 from pathlib import Path
 
 from crystallm.evaluation import reports
 from crystallm.evaluation.batch import EvaluationOptions, evaluate
+from crystallm.evaluation.metrics import MetricInputs
 from crystallm.evaluation.readers import iter_entries
-from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
-from crystallm.evaluation.scoring import score_entries, summarize
+from crystallm.evaluation.reference import ReferenceSet
+from crystallm.evaluation.scoring import score_entries
 from crystallm.properties.embedding import embed_entries, knn_reference
 from crystallm.stage_config import read_stage_config
 
@@ -34,21 +34,22 @@ def main() -> None:
         summary["embedding_seconds"] = time.perf_counter() - started
 
     records = list(score_entries(iter_entries(config["input"]), num_proc=config.get("num_proc")))
-    summarize(records)  # flags the unique valid records, the ones novelty is measured on
+    unique = MetricInputs(records).unique  # novelty is measured on the unique valid records
     # Untimed warm-up, so neither mode pays the process's one-time costs (imports, first reads); the end-to-end
     # `evaluate` figure below is the user's cost.
     ReferenceSet.from_collection(config["reference"]).novel_mask([r.structure for r in records[:20] if r.structure])
     flags = {}
     for mode, neighbours in (("exact", None), ("knn", int(config["neighbours"]))):
-        copies = copy.deepcopy(records)
         started = time.perf_counter()
         reference = (knn_reference(config["reference"], embeddings_file) if neighbours
                      else ReferenceSet.from_collection(config["reference"]))
-        summary[f"{mode}_novelty"] = summarize_novelty(copies, reference, neighbours)["novelty"]
+        inputs = MetricInputs(records, reference=reference, neighbours=neighbours)
+        inputs.unique = unique  # matched once above; this times the novelty alone
+        flags[mode] = inputs.novel
+        summary[f"{mode}_novelty"] = sum(flags[mode].values()) / len(flags[mode]) if flags[mode] else None
         summary[f"{mode}_seconds"] = time.perf_counter() - started
-        flags[mode] = [r.novel for r in copies]
     summary["same_flags"] = flags["exact"] == flags["knn"]
-    summary["structures_checked"] = sum(flag is not None for flag in flags["exact"])
+    summary["structures_checked"] = len(flags["exact"])
 
     started = time.perf_counter()  # what a user's `crystallm evaluate --reference-embeddings` costs end to end
     result = evaluate(config["input"], reference=knn_reference(config["reference"], embeddings_file),

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import EvaluationOptions, batch, reports
+from crystallm.evaluation import EvaluationOptions, batch, metrics, reports
 from crystallm.io.cif import structure_from_cif
 from crystallm.stage_config import read_stage_config
 
@@ -47,7 +47,7 @@ def main() -> None:
         "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     reports.write_json(summary, out / "summary.json")
-    print(reports.markdown_table(summary))
+    print(metrics.markdown_table(summary))
     print(summary["unreadable_reasons"], summary["peak_rss_mib"])
 
 

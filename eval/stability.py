@@ -10,7 +10,7 @@ Resumable: relaxation results go to `<output_dir>/stability.jsonl` (or `cache`) 
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, reports
+from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, metrics, reports
 from crystallm.evaluation.relaxation import ReferenceHull, RelaxationSettings, e_hull_agreement, place_on_hull
 from crystallm.stage_config import read_stage_config
 
@@ -34,8 +34,8 @@ def main() -> None:
         placed = [place_on_hull(record, hull, settings.mp2020) for record in cached]
         summary["stability"]["agreement_with_" + config["known_column"]] = e_hull_agreement(placed, known)
     reports.write_json(summary, out / "summary.json")
-    reports.write_markdown(summary, out / "summary.md")
-    print(reports.markdown_table(summary))
+    metrics.write_markdown(summary, out / "summary.md")
+    print(metrics.markdown_table(summary))
 
 
 if __name__ == "__main__":

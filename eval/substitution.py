@@ -11,7 +11,7 @@ from pathlib import Path
 
 from crystallm import data
 from crystallm.evaluation import reports
-from crystallm.evaluation.substitution import (
+from crystallm.evaluation.element_recovery import (
     data_mined_scores,
     frequency_scores,
     rank_of,

@@ -14,9 +14,9 @@ import csv
 from pathlib import Path
 
 from crystallm import data
-from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, reports
+from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, metrics, reports
+from crystallm.evaluation.element_recovery import recovery_tasks
 from crystallm.evaluation.relaxation import RelaxationSettings
-from crystallm.evaluation.substitution import recovery_tasks
 from crystallm.generation.sampling import load_generator
 from crystallm.generation.substitution import rank_substitutions
 from crystallm.io import cif
@@ -49,8 +49,8 @@ def main() -> None:
                              options=EvaluationOptions(num_proc=config.get("num_proc")))
     summary["pairs"], summary["model"] = len(tasks), config.get("model") or "default"
     reports.write_json(summary, out / "summary.json")
-    reports.write_markdown(summary, out / "summary.md")
-    print(reports.markdown_table(summary))
+    metrics.write_markdown(summary, out / "summary.md")
+    print(metrics.markdown_table(summary))
 
 
 if __name__ == "__main__":

@@ -6,17 +6,17 @@ from crystallm import data, symmetry
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt
-from crystallm.generation.refinement import (
+from crystallm.generation.sampling import generate_structures
+from crystallm.generation.settings import SamplingSettings
+from crystallm.io import text_format
+from crystallm.modeling import CrystaLLMForCausalLM, load_model
+from crystallm.refinement.inference import (
     CrystalGeometry,
     geometry_batch,
     noised_as_written,
     refine_texts,
     site_hidden_states,
 )
-from crystallm.generation.sampling import generate_structures
-from crystallm.generation.settings import SamplingSettings
-from crystallm.io import text_format
-from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.tokenization import CrystaLLMTokenizer
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crystallm import cli
-from crystallm.evaluation import csp, readers, scoring
+from crystallm.evaluation import csp, metrics, readers, scoring
 from crystallm.io import text_format
 from crystallm.io.cif import structure_from_cif
 
@@ -42,7 +42,7 @@ def test_messy_zip_is_evaluated_to_the_end(messy_zip):
     assert "empty entry" in by_name["empty.cif"].error
     assert by_name["overlapping.cif"].error == "" and not by_name["overlapping.cif"].structural_valid
     assert by_name["text.cif"].stated_space_group is not None and by_name["text.cif"].formula_consistent
-    summary = scoring.summarize(records)
+    summary = metrics.summarize(metrics.MetricInputs(records))
     assert summary["unreadable"] == 3 and summary["entries"] == 17
     assert summary["unreadable_reasons"] == {"MalformedCIFError: not a readable CIF": 1,
                                              "CrystaLLMInputError: empty entry": 1,

@@ -2,6 +2,8 @@
 problem, before any output folder is made (issue 36). Inputs are made here; the model is the tiny one of conftest
 or a copy of it with its weights pickled."""
 
+import builtins
+import errno
 import shutil
 
 import pytest
@@ -183,6 +185,13 @@ def test_evaluate_skips_the_traps_with_their_reasons(booby_trapped_folder):
     assert all(reason in " ".join(skipped) for reason in REASONS.values())
 
 
+def test_evaluate_on_the_command_line_lists_each_skipped_entry_with_its_reason(booby_trapped_folder, capsys):
+    assert cli.main(["evaluate", str(booby_trapped_folder), "--max-file-mb", "1", "--num-proc", "1", "--quiet"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped: ")]
+    assert len(lines) == len(REASONS)
+    assert all(any(f"{name} ({reason}" in line for line in lines) for name, reason in REASONS.items())
+
+
 NONSENSE = {
     "negative length": ("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000",
                         "cell length not a finite number of Å above 0 (_cell_length_a -4.20000000)"),
@@ -205,3 +214,36 @@ def test_a_cell_or_geometry_without_physical_sense_is_refused_not_repaired(old, 
     assert cli.main(["serialize", str(bad)]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and message in captured.err
+    assert cli.main(["serialize", str(bad), "--out", str(tmp_path / "texts.txt")]) == 1
+    assert "texts.txt: no structure serialized; not written" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.cif"]
+
+
+class _FullDisk:
+    """A text file on a disk that fills after 100 characters: writes and the flush of close refuse (ENOSPC)."""
+
+    def __init__(self, path, mode):
+        self.handle, self.size = builtins.open(path, mode), 0
+
+    def write(self, text):
+        self.size += len(text)
+        if self.size > 100:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.handle.write(text)
+
+    def flush(self):
+        self.handle.flush()
+
+    def close(self):
+        self.handle.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_serialize_on_a_full_disk_is_one_line_and_keeps_the_file_there_before(hostile, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "texts.txt"
+    out.write_text("texts of an earlier run\n")
+    monkeypatch.setattr(cli, "open", _FullDisk, raising=False)
+    assert cli.main(["serialize", str(hostile / "good.cif"), str(hostile / "good.cif"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"crystallm serialize: error: {out}: cannot write (No space left on device); nothing written"]
+    assert sorted(tmp_path.iterdir()) == [out] and out.read_text() == "texts of an earlier run\n"

@@ -12,13 +12,13 @@ PACKAGE = Path(crystallm.__file__).parent
 LAYERS = [
     {"errors", "symmetry", "validity", "compute", "stage_config"},
     {"io"},
-    {"tokenization", "configuration", "modeling", "model_folder", "adapters", "diffraction"},
+    {"tokenization", "configuration", "modeling", "model_folder", "adapters", "diffraction", "refinement"},
     {"data"},
     {"evaluation"},
     {"generation"},
     {"properties"},
     {"training"},
-    {"design", "substitute", "hub", "model_card"},
+    {"design", "hub", "model_card"},
     {"cli"},
 ]
 

@@ -8,9 +8,10 @@ from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
 from crystallm import data, validity
-from crystallm.evaluation import distribution, matching, symmetry_stats
+from crystallm.evaluation import distribution, matching, metrics, symmetry_stats
 from crystallm.evaluation.readers import Entry
 from crystallm.evaluation.reference import ReferenceSet
+from crystallm.evaluation.scoring import score_structure
 from crystallm.io.cif import structure_from_cif
 
 
@@ -77,3 +78,30 @@ def test_coverage_and_wasserstein_respond_to_shifts():
     assert same == {"cov_recall": 1.0, "cov_precision": 1.0}
     assert far["cov_recall"] == 0.0
     assert distribution.wasserstein_distances([2.0], [2], [3.0], [2])["density"] == 1.0
+
+
+def test_the_summary_and_its_table_come_from_the_metrics_and_leave_the_records_as_they_were(mp20_test_slice):
+    structures = [structure_from_cif(row["cif"]) for row in mp20_test_slice[:6]]
+    records = [score_structure(f"s{i}", structure) for i, structure in enumerate(structures + structures[:1])]
+    before = [record.to_dict() for record in records]  # s6 is s0 again: uniqueness 6/7
+    reference = ReferenceSet("half", [Entry(f"r{i}", "structure", s) for i, s in enumerate(structures[:3])])
+    inputs = metrics.MetricInputs(records, reference=reference)
+    summary = metrics.summarize(inputs)
+    assert [record.to_dict() for record in records] == before
+    assert summary["uniqueness"] == pytest.approx(6 / 7) and summary["novelty"] == pytest.approx(3 / 6)
+    assert inputs.unique == {f"s{i}": i < 6 for i in range(7)}
+    assert inputs.novel == {f"s{i}": i >= 3 for i in range(6)}
+    assert "csp" not in summary and "stability" not in summary and "parse_rate" not in summary
+
+    class Heaviest(metrics.Metric):
+        def compute(self, inputs):
+            return {"max_atoms": max(r.n_atoms for r in inputs.scored)}
+
+        def rows(self, summary):
+            return [("max atoms", summary["max_atoms"])]
+
+    extended = metrics.METRICS + (Heaviest(),)
+    summary = metrics.summarize(metrics.MetricInputs(records), extended)
+    assert summary["max_atoms"] == max(r.n_atoms for r in records)
+    table = metrics.markdown_table(summary, extended).splitlines()
+    assert table[2] == "| entries | 7 |" and table[-1] == f"| max atoms | {summary['max_atoms']} |"

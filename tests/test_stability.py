@@ -6,9 +6,9 @@ from pymatgen.core import Composition, Lattice, Structure
 
 from crystallm import cli
 from crystallm.evaluation.relaxation import (
-    APPROXIMATIONS,
     ReferenceHull,
     RelaxationSettings,
+    approximations,
     relax_structures,
     stability_records,
 )
@@ -77,7 +77,8 @@ def test_evaluate_stability_command_writes_the_summary_with_its_approximations(m
                      "--json", str(tmp_path / "summary.json")])
     assert code == 0 and "stability: stable rate" in capsys.readouterr().out
     stability = json.loads((tmp_path / "summary.json").read_text())["stability"]
-    assert stability["entries"] == 3 and stability["relaxed"] == 2 and stability["approximations"] == APPROXIMATIONS
+    assert stability["entries"] == 3 and stability["relaxed"] == 2
+    assert stability["approximations"] == approximations(RelaxationSettings())
     assert stability["settings"]["steps"] == 2 and stability["sun_rate"] is None  # no --reference, no novelty
     assert len((folder / "stability.jsonl").read_text().splitlines()) == 2
 
@@ -134,3 +135,56 @@ def test_csp_ranked_first_takes_each_targets_lowest_energy_attempt():
     result = evaluate_csp(records, targets, (1, 2), ranking={"t__0": -3.0, "t__1": -3.4})
     assert result["n=1"]["match_rate"] == 0.0 and result["n=2"]["match_rate"] == 1.0
     assert result["ranked n=1"]["match_rate"] == 1.0
+
+
+@pytest.mark.slow
+def test_sevennet_relaxes_and_the_cache_keeps_each_potential_apart(mp20_test_slice, tmp_path):
+    structures = [(row["id"], structure_from_cif(row["cif"])) for row in mp20_test_slice[:2]]
+    cache = tmp_path / "stability.jsonl"
+    sevennet = stability_records(structures, cache, RelaxationSettings(steps=3, potential="sevennet"), num_proc=1,
+                                 progress=False)
+    assert all(r["error"] == "" and r["energy_per_atom"] < 0 and math.isfinite(r["e_above_hull"]) for r in sevennet)
+    chgnet = stability_records(structures, cache, RelaxationSettings(steps=3), num_proc=1, progress=False)
+    assert [r["energy_per_atom"] for r in chgnet] != [r["energy_per_atom"] for r in sevennet]
+    lines = list(read_json_lines(cache))  # each potential relaxed each structure once, and says which it was
+    assert sorted(r["settings"]["potential"] for r in lines) == ["chgnet", "chgnet", "sevennet", "sevennet"]
+    again = stability_records(structures, cache, RelaxationSettings(steps=3, potential="sevennet"), num_proc=1,
+                              progress=False)
+    assert again == sevennet and len(list(read_json_lines(cache))) == 4  # from the cache, nothing relaxed
+
+
+def test_a_hull_file_places_results_on_that_hull_and_a_bad_one_is_one_line(tmp_path, capsys):
+    nacl = Composition("NaCl")
+    shipped = ReferenceHull.from_file()
+    e_hull, formation = shipped.e_above_hull(nacl, -3.0)
+    deeper = ReferenceHull([(nacl, formation - e_hull - 0.5)], shipped.elemental_energies)  # NaCl 0.5 eV lower
+    deeper.to_file(tmp_path / "deeper.json.gz")
+    assert ReferenceHull.from_file(tmp_path / "deeper.json.gz").e_above_hull(nacl, -3.0)[0] == \
+        pytest.approx(e_hull + 0.5)
+    (tmp_path / "junk.json.gz").write_bytes(b"not gzip")
+    code = cli.main(["evaluate", str(tmp_path / "deeper.json.gz"), "--stability", "--hull",
+                     str(tmp_path / "junk.json.gz")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"crystallm evaluate: error: {tmp_path / 'junk.json.gz'}: not a hull file")
+
+
+def test_mp_hull_from_its_summary_applies_the_mp2020_corrections_the_file_lacks(tmp_path):
+    import csv
+    import gzip
+
+    from crystallm import data
+    from crystallm.evaluation.hull import MP_HULL_SUMMARY
+
+    wanted = {"NaCl", "Na", "Cl2", "TiO2", "Ti", "O2", "NiO", "Ni"}
+    with gzip.open(data.data_dir() / MP_HULL_SUMMARY, "rt") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if row["Reduced Formula"] in wanted]
+    with gzip.open(tmp_path / "slice.csv.gz", "wt", newline="") as handle:
+        writer = csv.DictWriter(handle, reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    mp = ReferenceHull.from_mp_summary(tmp_path / "slice.csv.gz")
+    hull_energy = {f: round(mp.e_above_hull(Composition(f), 0.0)[1] - mp.e_above_hull(Composition(f), 0.0)[0], 3)
+                   for f in ("NaCl", "TiO2", "NiO")}
+    assert hull_energy == {"NaCl": -2.110, "TiO2": -3.502, "NiO": -1.219}  # MP's formation energies

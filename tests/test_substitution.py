@@ -9,7 +9,13 @@ from pymatgen.core import Composition, Lattice, Structure
 from crystallm import data
 from crystallm.cli import main
 from crystallm.errors import CrystaLLMInputError
-from crystallm.evaluation.substitution import RecoveryTask, data_mined_scores, frequency_scores, rank_of, recovery_tasks
+from crystallm.evaluation.element_recovery import (
+    RecoveryTask,
+    data_mined_scores,
+    frequency_scores,
+    rank_of,
+    recovery_tasks,
+)
 from crystallm.generation.sampling import load_generator
 from crystallm.generation.substitution import rank_substitutions
 from crystallm.io import text_format

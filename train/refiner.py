@@ -1,4 +1,4 @@
-"""Stage: train the geometry refinement head (crystallm/modeling.py, CrystalRefiner) on a saved model, the GPT frozen.
+"""Stage: train the geometry refinement head (crystallm/refinement/, CrystalRefiner) on a saved model, the GPT frozen.
 
     python train/refiner.py configs/refiner-default.yaml
 """

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from crystallm.diffraction.patterns import GRID, MAX_VOLUME, TWO_THETA_RANGE, WAVELENGTH
 
@@ -69,7 +70,6 @@ def fit_lattice(structure: Structure, given: np.ndarray) -> LatticeFit:
     (5.64, 'cubic', True)
     """
     from pymatgen.analysis.diffraction.xrd import WAVELENGTHS, XRDCalculator
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
     from scipy.optimize import minimize
     from scipy.signal import find_peaks
 

@@ -18,6 +18,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from crystallm.errors import CrystaLLMInputError
+from crystallm.io import cif
 
 WAVELENGTH = "CuKa"  # pymatgen's Cu Kα: 1.54184 Å, the weighted mean of Kα1 and Kα2
 TWO_THETA_RANGE = (5.0, 90.0)
@@ -164,8 +165,6 @@ class PowderPattern:
         except OSError as error:
             raise CrystaLLMInputError(f"pattern {path}: cannot read it ({error.strerror})") from None
         if suffix == ".cif":
-            from crystallm.io import cif
-
             structure = cif.structure_from_cif(text, str(path))
             if structure.volume > MAX_VOLUME:  # its reflections would take minutes to list, and fit no cell here
                 raise CrystaLLMInputError(f"pattern {path}: a cell of {structure.volume:.3g} Å³; patterns are "

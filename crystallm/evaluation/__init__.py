@@ -7,8 +7,9 @@ approximate hull, and the reports. Nothing here needs a language model.
 3
 """
 
-from crystallm.evaluation.batch import EvaluationOptions, StabilityTask, evaluate
+from crystallm.evaluation.batch import EvaluationOptions, evaluate
 from crystallm.evaluation.csp import CSPTask
+from crystallm.evaluation.relaxation import StabilityTask
 from crystallm.evaluation.scoring import ScoredStructure
 
 __all__ = ["CSPTask", "EvaluationOptions", "ScoredStructure", "StabilityTask", "evaluate"]

@@ -12,29 +12,22 @@ import json
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from crystallm.data import read_ids
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import distribution, plots
-from crystallm.evaluation.csp import CSPTask, evaluate_csp
+from crystallm.evaluation.csp import CSPTask
+from crystallm.evaluation.metrics import MetricInputs, summarize
 from crystallm.evaluation.readers import iter_entries
-from crystallm.evaluation.reference import ReferenceSet, summarize_novelty
-from crystallm.evaluation.relaxation import RelaxationSettings, stability_records, summarize_stability
-from crystallm.evaluation.scoring import ScoredStructure, score_entries, structure_of_entry, summarize
+from crystallm.evaluation.reference import ReferenceSet
+from crystallm.evaluation.relaxation import StabilityTask
+from crystallm.evaluation.scoring import ScoredStructure, score_entries, structure_of_entry
 from crystallm.io.files import InputPolicy
 
 # CDVAE's coverage cutoffs per dataset; MPTS-52 has none of its own, so it uses MP-20's.
 COVERAGE_CUTOFFS = {"perov-5": {"structure": 0.2, "composition": 4.0},
                     "carbon-24": {"structure": 0.2, "composition": 4.0}}
-
-
-@dataclasses.dataclass(frozen=True)
-class StabilityTask:
-    """Relax every structurally valid structure with CHGNet under `settings` and place it on the approximate
-    hull; results go to the JSON-lines `cache` as they come (default: `default_stability_cache(source)`), and a
-    run resumes from it."""
-
-    settings: RelaxationSettings = RelaxationSettings()
-    cache: str | Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +90,6 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
     >>> summary["entries"], summary["validity"]["structural"]
     (5, 1.0)
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     _check_readable({"test set": test, "CSP targets": csp.targets if csp else None,
                      "novelty reference": reference if isinstance(reference, (str, Path)) else None})
@@ -137,30 +128,16 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
 
     test_records = collection(test, "test set", options.coverage) if test else None
     benchmark = str(test or "").partition("/")[0]
-    summary = summarize(records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS),
-                        num_proc=options.num_proc, ray=options.ray)
-    if reference:
-        reference_set = reference if isinstance(reference, ReferenceSet) else ReferenceSet.from_collection(reference)
-        summary.update(summarize_novelty(records, reference_set, options.neighbours))
-        reference = reference_set.source
-    if skipped:
-        summary["skipped"] = {"files": len(skipped), "names": skipped}
-    if csp:
-        targets = collection(csp.targets, "CSP targets")
-        if csp.ids_file:
-            wanted = read_ids(csp.ids_file)
-            by_name = {t.name: t for t in targets}
-            missing = [name for name in wanted if name not in by_name]
-            if missing:
-                raise CrystaLLMInputError(f"{csp.ids_file}: {len(missing)} ids are not in {csp.targets}, "
-                                          f"e.g. {missing[:3]}")
-            targets = [by_name[name] for name in wanted]
-        summary["csp"] = evaluate_csp(records, targets, csp.attempts, csp.ranking, options.num_proc, options.ray)
-        summary["csp_targets"] = f"{csp.targets}" + (f" ({csp.ids_file}, {len(targets)} ids)" if csp.ids_file else "")
+    reference_set = reference if isinstance(reference, ReferenceSet) or not reference \
+        else ReferenceSet.from_collection(reference)
+    targets = _csp_targets(csp, collection(csp.targets, "CSP targets")) if csp else None
     if stability:
-        summary["stability"] = _evaluate_stability(records, stability.settings, stability.cache or
-                                                   default_stability_cache(source), options,
-                                                   with_novelty=reference is not None)
+        stability = dataclasses.replace(stability, cache=stability.cache or default_stability_cache(source))
+    summary = summarize(MetricInputs(
+        records, test_records, COVERAGE_CUTOFFS.get(benchmark, distribution.MP20_COVERAGE_CUTOFFS), reference_set,
+        options.neighbours, csp, targets, stability, skipped or None, num_proc=options.num_proc, ray=options.ray,
+        progress=options.progress))
+    reference = reference_set.source if reference_set else None
     summary.update(input=str(source), reference=reference, test=test)
     summary["seconds"] = time.perf_counter() - start
     summary["structures_per_second"] = len(records) / summary["seconds"]
@@ -168,6 +145,18 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
         compared = test_records or (collection(reference, "reference") if reference else None)
         plots.write_plots(records, compared, options.plots)
     return summary
+
+
+def _csp_targets(task: CSPTask, targets: list[ScoredStructure]) -> list[ScoredStructure]:
+    """The targets the task's ids file lists, in its order (all of them without one)."""
+    if not task.ids_file:
+        return targets
+    wanted = read_ids(task.ids_file)
+    by_name = {t.name: t for t in targets}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise CrystaLLMInputError(f"{task.ids_file}: {len(missing)} ids are not in {task.targets}, e.g. {missing[:3]}")
+    return [by_name[name] for name in wanted]
 
 
 def default_stability_cache(source: str | Path) -> Path:
@@ -183,14 +172,3 @@ def default_stability_cache(source: str | Path) -> Path:
     if path.exists():
         return path.with_name(path.name + ".stability.jsonl")
     return Path(f"stability-{str(source).replace('/', '-')}.jsonl")
-
-
-def _evaluate_stability(records: list[ScoredStructure], settings: RelaxationSettings, cache: str | Path,
-                        options: EvaluationOptions, with_novelty: bool) -> dict:
-    candidates = [(r.name, r.structure) for r in records if not r.error and r.structural_valid]
-    results = stability_records(candidates, cache, settings, num_proc=options.num_proc, progress=options.progress,
-                                ray=options.ray)
-    flags = {key: {r.name: bool(getattr(r, key)) for r in records} for key in ("unique", "novel")}
-    summary = summarize_stability(results, len(records), flags["unique"] if with_novelty else None,
-                                  flags["novel"] if with_novelty else None)
-    return summary | {"cache": str(cache), "settings": dataclasses.asdict(settings)}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from crystallm.diffraction.lattice_fit import fit_lattice
 from crystallm.evaluation import matching
 from crystallm.evaluation.scoring import ScoredStructure
 
@@ -65,8 +67,6 @@ def evaluate_csp(records: list[ScoredStructure], targets: list[ScoredStructure],
 
 
 def _conventional_lattice(structure: Structure) -> tuple[list[float], float]:
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
     try:
         cell = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
     except ValueError:  # spglib fails on pathological cells: the cell as written
@@ -113,8 +113,6 @@ def fit_attempts(attempted: list[tuple[str, Structure]], patterns: dict[str, np.
     >>> round(fitted[0][1].lattice.a, 2), round(before["length_mae"], 2)
     (5.64, 0.26)
     """
-    from crystallm.diffraction.lattice_fit import fit_lattice
-
     first: dict[str, Structure] = {}
     for name, structure in attempted:
         first.setdefault(csp_targets(name), structure)

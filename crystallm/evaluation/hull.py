@@ -7,14 +7,22 @@ same hull as every entry), so stability and design work from any folder; `eval/r
 
 from __future__ import annotations
 
+import csv
+import gzip
 import itertools
 import json
 import math
+import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Structure
+from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEntry
+
+from crystallm import data
+from crystallm.errors import CrystaLLMInputError
 
 STABLE_E_HULL = 0.1  # eV/atom: the S.U.N. threshold (docs/architecture.md)
 
@@ -25,6 +33,8 @@ HULL_SOURCES = ("mp_20_biternary/val", "mp_20_biternary/test", "mp_20_subset_sli
 
 ELEMENTAL_REFERENCES = "matbench_discovery/2023-02-07-mp-elemental-reference-entries.json.gz"
 HULL_FILE = Path(__file__).parents[1] / "resources" / "reference-hull.json.gz"
+# The Materials Project's own hull (CC BY-NC: read to measure, never shipped; see its README).
+MP_HULL_SUMMARY = "mp_hull/mp_materials_summary.csv.gz"
 
 
 @lru_cache(maxsize=1)
@@ -34,24 +44,24 @@ def _compatibility():
     return MaterialsProject2020Compatibility(check_potcar=False)
 
 
-def mp2020_corrected_energy(structure: Structure, energy: float) -> float:
-    """A structure's total energy (eV) with the MP2020 corrections (anion, GGA/GGA+U mixing) applied, the
-    Hubbard U values being those MP's input set gives this composition. Raises ValueError if the scheme refuses
-    the composition.
+def mp2020_corrected_energy(structure: Structure | Composition, energy: float) -> float:
+    """A structure's (or a composition's) total energy (eV) with the MP2020 corrections (anion, GGA/GGA+U
+    mixing) applied, the Hubbard U values being those MP's input set gives this composition (a structure also
+    tells oxides from peroxides). Raises ValueError if the scheme refuses the composition.
 
     >>> from pymatgen.core import Lattice
     >>> feo = Structure(Lattice.cubic(4.3), ["Fe", "O"], [[0, 0, 0], [.5, .5, .5]])
     >>> round(mp2020_corrected_energy(feo, -10.0) + 10.0, 3)  # Fe's U correction and the oxide correction
     -2.943
     """
-    from pymatgen.entries.computed_entries import ComputedStructureEntry
-
     compatibility = _compatibility()
-    elements = sorted(structure.composition.elements, key=lambda e: e.X if math.isfinite(e.X) else math.inf)
+    composition = structure if isinstance(structure, Composition) else structure.composition
+    elements = sorted(composition.elements, key=lambda e: e.X if math.isfinite(e.X) else math.inf)
     u_values = compatibility.u_settings.get(elements[-1].symbol, {})
     hubbards = {e.symbol: float(u_values[e.symbol]) for e in elements if u_values.get(e.symbol)}
-    entry = ComputedStructureEntry(structure, energy, parameters={"run_type": "GGA+U" if hubbards else "GGA",
-                                                                  "hubbards": hubbards})
+    parameters = {"run_type": "GGA+U" if hubbards else "GGA", "hubbards": hubbards}
+    entry = ComputedEntry(structure, energy, parameters=parameters) if isinstance(structure, Composition) \
+        else ComputedStructureEntry(structure, energy, parameters=parameters)
     with warnings.catch_warnings():  # oxidation-state guessing notes
         warnings.simplefilter("ignore")
         processed = compatibility.process_entry(entry)
@@ -71,8 +81,6 @@ class ReferenceHull:
     """
 
     def __init__(self, formation_energies: list[tuple[Composition, float]], elemental_energies: dict[str, float]):
-        from pymatgen.analysis.phase_diagram import PDEntry
-
         self.formation_energies = formation_energies
         self.elemental_energies = elemental_energies
         self._by_system: dict[frozenset, list] = {}
@@ -87,6 +95,34 @@ class ReferenceHull:
         return _shared_hull(sources)
 
     @classmethod
+    def from_mp_summary(cls, path: str | Path | None = None) -> "ReferenceHull":
+        """MP's own hull from its materials summary (`MP_HULL_SUMMARY` in ../shared/data: each hull material's
+        composition and total energy), as formation energies against the same elemental references as the shipped
+        hull. The file's "Corrected Energy" is the raw DFT energy (NaCl -1.803, TiO2 -3.044, NiO +0.395 eV/atom
+        as formation energies, where MP lists -2.110, -3.502, -1.219), so the MP2020 corrections are applied here,
+        which gives MP's values. CC BY-NC: for measurement; write it (`to_file`) outside the package only.
+
+        Building it takes about two minutes (31,840 entries corrected); eval/mp_hull.py writes it once:
+
+        >>> ReferenceHull.from_mp_summary().to_file("mp-hull.json.gz")  # doctest: +SKIP
+        """
+        path = Path(path) if path else data.data_dir() / MP_HULL_SUMMARY
+        elemental = _elemental_references()
+        hull = cls([], elemental)
+        with gzip.open(path, "rt") as handle:
+            for row in csv.DictReader(handle):
+                composition = Composition(row["Composition"])
+                if not all(e.symbol in elemental for e in composition.elements):
+                    continue
+                try:
+                    energy = mp2020_corrected_energy(composition, float(row["Corrected Energy"]))
+                except ValueError:  # the scheme refuses the composition: MP leaves such entries out too
+                    continue
+                energy /= composition.num_atoms
+                hull.formation_energies.append((composition, hull.formation_energy(composition, energy)))
+        return cls(hull.formation_energies, elemental)
+
+    @classmethod
     def from_file(cls, path: str | Path = HULL_FILE) -> "ReferenceHull":
         """The hull `to_file` wrote (by default the one shipped with the package, built from ../shared/data)."""
         return _hull_from_file(str(path))
@@ -94,8 +130,6 @@ class ReferenceHull:
     def to_file(self, path: str | Path) -> None:
         """Write the hull as gzipped JSON: the lowest formation energy (eV/atom) of each reduced formula, which
         spans the same hull as all of them, and the elemental references."""
-        import gzip
-
         lowest: dict[str, float] = {}
         for composition, energy in self.formation_energies:
             formula = composition.reduced_formula
@@ -116,17 +150,17 @@ class ReferenceHull:
     def e_above_hull(self, composition: Composition, energy_per_atom: float) -> tuple[float, float]:
         """(E_hull, formation energy), both eV/atom, of a composition at a corrected energy per atom. E_hull is
         negative for a structure below the hull of the known phases."""
-        from pymatgen.analysis.phase_diagram import PDEntry
-
         formation = self.formation_energy(composition, energy_per_atom)
+        return self.e_above_hull_of_formation(composition, formation), float(formation)
+
+    def e_above_hull_of_formation(self, composition: Composition, formation: float) -> float:
+        """E_hull (eV/atom) of a composition at a formation energy per atom (eV/atom), e.g. a DFT one."""
         diagram = self._diagram(frozenset(e.symbol for e in composition.elements))
         _, e_hull = diagram.get_decomp_and_e_above_hull(PDEntry(composition, formation * composition.num_atoms),
                                                         allow_negative=True)
-        return float(e_hull), float(formation)
+        return float(e_hull)
 
     def _diagram(self, system: frozenset):
-        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-
         if system not in self._diagrams:
             entries = [PDEntry(Composition(symbol), 0.0) for symbol in system]  # the elements: formation energy 0
             for size in range(1, len(system) + 1):
@@ -138,32 +172,44 @@ class ReferenceHull:
 
 @lru_cache(maxsize=2)
 def _hull_from_file(path: str) -> ReferenceHull:
-    import gzip
-
-    with gzip.open(path, "rt") as handle:
-        stored = json.load(handle)
-    return ReferenceHull([(Composition(formula), energy) for formula, energy in stored["formation_energies"]],
-                         stored["elemental_energies"])
+    try:
+        with gzip.open(path, "rt") as handle:
+            stored = json.load(handle)
+        return ReferenceHull([(Composition(formula), float(energy))
+                              for formula, energy in stored["formation_energies"]],
+                             {symbol: float(energy) for symbol, energy in stored["elemental_energies"].items()})
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CrystaLLMInputError(f"{path}: not a hull file (gzipped JSON of `ReferenceHull.to_file`: "
+                                  f"{type(error).__name__}: {error})") from None
 
 
 @lru_cache(maxsize=4)
 def _shared_hull(sources: tuple[str, ...]) -> ReferenceHull:
-    import gzip
-    import re
-
-    from crystallm import data
-
     formation_energies = []
     for name in sources:
         dataset = data.load_source(name)
         for cif, energy in zip(dataset["cif"], dataset["formation_energy_per_atom"]):
-            formula = re.search(r"_chemical_formula_sum\s+'?([^'\n]+)", cif)
-            if formula and energy is not None and math.isfinite(energy):
-                formation_energies.append((Composition(formula.group(1)), float(energy)))
+            composition = composition_of_cif(cif)
+            if composition and energy is not None and math.isfinite(energy):
+                formation_energies.append((composition, float(energy)))
+    return ReferenceHull(formation_energies, _elemental_references())
+
+
+def composition_of_cif(cif: str) -> Composition | None:
+    """The composition a CIF states (`_chemical_formula_sum`), read without parsing the structure; None without one.
+
+    >>> composition_of_cif("data_x\\n_chemical_formula_sum   'Na4 Cl4'\\n").reduced_formula
+    'NaCl'
+    """
+    formula = re.search(r"_chemical_formula_sum\s+'?([^'\n]+)", cif)
+    return Composition(formula.group(1)) if formula else None
+
+
+def _elemental_references() -> dict[str, float]:
+    """MP's elemental reference energies (eV/atom), as Matbench Discovery lists them."""
     with gzip.open(data.data_dir() / ELEMENTAL_REFERENCES, "rt") as handle:
         references = json.load(handle)
-    elemental = {symbol: entry["energy"] / sum(entry["composition"].values()) for symbol, entry in references.items()}
-    return ReferenceHull(formation_energies, elemental)
+    return {symbol: entry["energy"] / sum(entry["composition"].values()) for symbol, entry in references.items()}
 
 
 def place_on_hull(result: dict, hull: ReferenceHull, mp2020: bool = False) -> dict:

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import matching
 from crystallm.evaluation.readers import Entry, iter_entries
-from crystallm.evaluation.scoring import ScoredStructure, structure_of_entry
+from crystallm.evaluation.scoring import structure_of_entry
 from crystallm.io import text_format
 
 
@@ -38,16 +40,12 @@ class Embeddings:
     source: str
 
     def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
-
         save_file({"embeddings": np.ascontiguousarray(self.vectors, dtype=np.float32)}, str(path),
                   metadata={"names": json.dumps(list(self.names)), "model": self.model, "source": self.source})
 
     @classmethod
     def from_file(cls, path: str | Path) -> Embeddings:
         """Read a file written by `save` (`crystallm embed --out`)."""
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), "np") as handle:
                 metadata = handle.metadata() or {}
@@ -174,15 +172,3 @@ class ReferenceSet:
             mask.append(not any(self._key(row) == key and matcher.fit(structure, self.structure(row))
                                 for row in rows))
         return mask
-
-
-def summarize_novelty(records: list[ScoredStructure], reference: ReferenceSet,
-                      neighbours: int | None = None) -> dict:
-    """Novelty of the unique valid records (flagged by `scoring.summarize`) against `reference`: sets each one's
-    `novel` flag and returns the summary's keys (`novelty`, `reference_size`, `novelty_neighbours`)."""
-    unique = [r for r in records if not r.error and r.valid and r.unique]
-    novel = reference.novel_mask([r.structure for r in unique], neighbours=neighbours)
-    for record, flag in zip(unique, novel):
-        record.novel = flag
-    return {"novelty": sum(novel) / len(unique) if unique else None, "reference_size": len(reference),
-            "novelty_neighbours": neighbours if reference.embedder is not None else None}

@@ -1,7 +1,7 @@
 """Stability (docs/architecture.md): CHGNet relaxation, MP2020-corrected energies, energy above an approximate
 convex hull, RMSD between generated and relaxed structure, and the S.U.N. rate.
 
-Every approximation is written into each result (`APPROXIMATIONS`):
+Every approximation is written into each summary (`approximations`):
 - Energies come from CHGNet (its weights ship inside the chgnet wheel), trained on the Materials Project's
   relaxation trajectories. Its energies already sit on MP's corrected (MP2020-compatible) scale: applying
   pymatgen's MaterialsProject2020Compatibility on top counts the corrections twice (measured, see
@@ -22,7 +22,9 @@ import dataclasses
 import io
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,37 +32,62 @@ from typing import Iterable
 
 import numpy as np
 from pymatgen.core import Element, Structure
+from tqdm import tqdm
 
+from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import reports
 from crystallm.evaluation.hull import HULL_SOURCES, STABLE_E_HULL, ReferenceHull, place_on_hull
 from crystallm.evaluation.pools import worker_pool
 
-APPROXIMATIONS = {
-    "energy": "CHGNet (chgnet wheel) energies as they are: already on MP's MP2020-corrected scale (applying the "
-              "scheme again worsens E_hull vs MP's own column from 0.028 to 0.199 eV/atom MAE)",
-    "hull": f"pymatgen PhaseDiagram per chemical system from the formation_energy_per_atom of "
-            f"{', '.join(HULL_SOURCES)} (../shared/data) and MP elemental references; not MP's full hull",
-    "relaxation": "ASE FIRE + FrechetCellFilter (positions and cell), bounded steps and seconds per structure",
-    "stable": f"E_hull < {STABLE_E_HULL} eV/atom",
-    "rmsd": "root mean square of the atoms' displacements (Å) between generated and relaxed structure, "
-            "fractional differences taken the short way, in the relaxed lattice",
-}
+SHIPPED_HULL = (f"the approximate hull the package ships: pymatgen PhaseDiagram per chemical system from the "
+                f"formation_energy_per_atom of {', '.join(HULL_SOURCES)} (../shared/data) and MP elemental "
+                f"references; not MP's full hull")
 
 
 CHGNET_LAST_ELEMENT = Element("Pu")  # its atom embedding covers Z 1-94
+# The potentials whose weights ship inside their wheels (nothing is downloaded): name -> SevenNet model name, or
+# None for CHGNet. SevenNet is an optional extra (`pip install crystallm[sevennet]`).
+POTENTIALS = {"chgnet": None, "sevennet": "7net-l3i5", "sevennet-0": "7net-0"}
 
 
 @dataclass(frozen=True)
 class RelaxationSettings:
-    """How far a relaxation may go. A structure whose volume changes by more than `max_volume_ratio` (either
-    way) or whose energy stops being finite has exploded and is recorded as failed. `steps=0` takes the energy
-    of the structure as it is (a single CHGNet call: what ranks CSP attempts at scale, see eval/csp.py)."""
+    """How far a relaxation may go, by which `potential` (a key of `POTENTIALS`), and on which `hull` the result
+    is placed (a hull file, see `hull.ReferenceHull.to_file`; None: the approximate hull the package ships; not a
+    setting of the relaxation itself, so a cached relaxation serves every hull). A structure whose volume changes
+    by more than `max_volume_ratio` (either way) or whose energy stops being finite has exploded and is recorded
+    as failed. `steps=0` takes the energy of the structure as it is (a single call: what ranks CSP attempts at
+    scale, see eval/csp.py).
+
+    >>> RelaxationSettings(potential="mace")
+    Traceback (most recent call last):
+    ...
+    crystallm.errors.CrystaLLMInputError: potential 'mace': choose one of chgnet, sevennet, sevennet-0
+    """
 
     steps: int = 100
     fmax: float = 0.1  # eV/Å
     max_seconds: float = 60.0
     max_volume_ratio: float = 3.0
-    mp2020: bool = False  # MP2020 corrections on top of CHGNet's energy (see place_on_hull: off, measured)
+    mp2020: bool = False  # MP2020 corrections on top of the potential's energy (see place_on_hull: off, measured)
+    potential: str = "chgnet"
+    hull: str | None = None
+
+    def __post_init__(self):
+        if self.potential not in POTENTIALS:
+            raise CrystaLLMInputError(f"potential {self.potential!r}: choose one of {', '.join(POTENTIALS)}")
+        if self.hull:
+            ReferenceHull.from_file(self.hull)  # a bad hull file fails here, before any work (read once, cached)
+
+
+@dataclass(frozen=True)
+class StabilityTask:
+    """Relax every structurally valid structure under `settings` and place it on the settings' hull; results go to
+    the JSON-lines `cache` as they come (`evaluate`'s default: `default_stability_cache`), and a run resumes from
+    it."""
+
+    settings: RelaxationSettings = RelaxationSettings()
+    cache: str | Path | None = None
 
 
 def displacements(initial: Structure, final: Structure) -> np.ndarray:
@@ -78,17 +105,25 @@ def displacements(initial: Structure, final: Structure) -> np.ndarray:
     return np.linalg.norm(final.lattice.get_cartesian_coords(delta), axis=1)
 
 
-@lru_cache(maxsize=1)
-def _calculator():
-    """One CHGNet calculator per process (loading the model takes a second)."""
-    from chgnet.model.dynamics import CHGNetCalculator
+@lru_cache(maxsize=2)
+def _calculator(potential: str):
+    """One ASE calculator of each potential per process (loading a model takes seconds)."""
+    if POTENTIALS[potential] is None:
+        from chgnet.model.dynamics import CHGNetCalculator
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints the device it runs on
-        return CHGNetCalculator(use_device="cpu", on_isolated_atoms="ignore")
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints the device it runs on
+            return CHGNetCalculator(use_device="cpu", on_isolated_atoms="ignore")
+    try:
+        from sevenn.calculator import SevenNetCalculator
+    except ImportError:
+        raise CrystaLLMInputError(f"potential {potential!r} needs SevenNet: pip install crystallm[sevennet]") from None
+    with warnings.catch_warnings():  # no accelerated tensor-product kernel on CPU: a note, not a problem
+        warnings.simplefilter("ignore")
+        return SevenNetCalculator(POTENTIALS[potential], device="cpu")
 
 
 def relax_structure(structure: Structure, settings: RelaxationSettings = RelaxationSettings()) -> dict:
-    """Relax one structure with CHGNet. Returns raw CHGNet energies per atom before and after (eV/atom), the
+    """Relax one structure with the settings' potential. Returns its energies per atom before and after (eV/atom), the
     relaxed structure (as a dict), the RMSD and mean displacement (Å), steps, whether it converged, seconds and
     `error` ('' or why it failed: CHGNet raised, the energy is not finite, the cell exploded). Never raises.
     """
@@ -100,11 +135,11 @@ def relax_structure(structure: Structure, settings: RelaxationSettings = Relaxat
     result = {"error": "", "seconds": 0.0}
     try:
         beyond = sorted({e.symbol for e in structure.composition if e.Z > CHGNET_LAST_ELEMENT.Z})
-        if beyond:
+        if beyond and settings.potential == "chgnet":
             raise ValueError(f"CHGNet knows the elements up to {CHGNET_LAST_ELEMENT} (Z {CHGNET_LAST_ELEMENT.Z}), "
                              f"not {', '.join(beyond)}")
         atoms = AseAtomsAdaptor.get_atoms(structure)
-        atoms.calc = _calculator()
+        atoms.calc = _calculator(settings.potential)
         initial_energy = atoms.get_potential_energy() / len(atoms)
         cell_filter = FrechetCellFilter(atoms)
         steps, converged = 0, False
@@ -120,7 +155,7 @@ def relax_structure(structure: Structure, settings: RelaxationSettings = Relaxat
             relaxed.remove_site_property(key)
         ratio = relaxed.volume / structure.volume
         if not (math.isfinite(energy) and math.isfinite(initial_energy)):
-            raise FloatingPointError("the CHGNet energy is not finite")
+            raise FloatingPointError(f"the {settings.potential} energy is not finite")
         if not 1 / settings.max_volume_ratio <= ratio <= settings.max_volume_ratio:
             raise FloatingPointError(f"the cell exploded: its volume changed {ratio:.2f} times")
         moved = displacements(structure, relaxed)
@@ -161,22 +196,20 @@ def _relax_star(args) -> dict:
 def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | Path,
                       settings: RelaxationSettings = RelaxationSettings(), num_proc: int | None = None,
                       progress: bool = True, ray: str | None = None) -> list[dict]:
-    """Relax each (name, structure) and place it on the hull from ../shared/data (`place_on_hull`), in order, with
-    a progress bar. Each relaxation is appended to the JSON-lines `cache` as soon as it is known with its
-    `settings`, and names already there under the same settings are not relaxed again (a killed run resumes;
-    records from before settings were recorded count as the same); the hull placement is recomputed from the
-    cached relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster,
-    see `pools.worker_pool`) each hold a CHGNet.
+    """Relax each (name, structure) and place it on the settings' hull (`place_on_hull`), in order, with a
+    progress bar. Each relaxation is appended to the JSON-lines `cache`
+    as soon as it is known with its `settings` (the potential included), and names already there under the same
+    settings are not relaxed again (a killed run resumes; records from before settings or the potential were
+    recorded count as CHGNet's under the same settings); the hull placement is recomputed from the cached
+    relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
+    `pools.worker_pool`) each hold a potential.
     """
-    import os
-
-    from tqdm import tqdm
-
     structures = list(structures)
     cache = Path(cache)
-    wanted = dataclasses.asdict(settings)
+    wanted = {key: value for key, value in dataclasses.asdict(settings).items() if key != "hull"}
+    reference = ReferenceHull.from_file(settings.hull) if settings.hull else ReferenceHull.from_file()
     done = {record["name"]: record for record in reports.read_json_lines(cache)
-            if record.get("settings", wanted) == wanted}
+            if {"potential": "chgnet", **record.get("settings", wanted)} == wanted}
     todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
     num_proc = num_proc or (None if ray else os.cpu_count() or 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +224,7 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                 handle.flush()
                 done[record["name"]] = json.loads(line)  # as a resumed run will read it
                 bar.update(1)
-    hull = ReferenceHull.from_file()
-    return [place_on_hull(done[name], hull, settings.mp2020) for name, _ in structures]
+    return [place_on_hull(done[name], reference, settings.mp2020) for name, _ in structures]
 
 
 def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
@@ -211,8 +243,29 @@ def _statistic(function, records: list[dict], key: str) -> float | None:
     return float(function(values)) if values else None
 
 
+def approximations(settings: RelaxationSettings) -> dict[str, str]:
+    """What a stability figure under `settings` rests on, in words: the energy, the hull, the relaxation, the cut.
+
+    >>> approximations(RelaxationSettings(potential="sevennet", mp2020=True))["energy"]
+    'sevennet (7net-l3i5, its wheel) energies with MP2020 corrections applied'
+    """
+    if settings.potential == "chgnet" and not settings.mp2020:
+        energy = ("chgnet (its wheel) energies as they are: already on MP's MP2020-corrected scale (applying the "
+                  "scheme again worsens E_hull vs MP's own column from 0.028 to 0.199 eV/atom MAE)")
+    else:
+        model = f"{POTENTIALS[settings.potential]}, its wheel" if POTENTIALS[settings.potential] else "its wheel"
+        energy = f"{settings.potential} ({model}) energies " + ("with MP2020 corrections applied" if settings.mp2020
+                                                                 else "as they are")
+    return {"energy": energy, "hull": f"the hull file {settings.hull}" if settings.hull else SHIPPED_HULL,
+            "relaxation": "ASE FIRE + FrechetCellFilter (positions and cell), bounded steps and seconds per structure",
+            "stable": f"E_hull < {STABLE_E_HULL} eV/atom",
+            "rmsd": "root mean square of the atoms' displacements (Å) between generated and relaxed structure, "
+                    "fractional differences taken the short way, in the relaxed lattice"}
+
+
 def summarize_stability(records: list[dict], entries: int, unique: dict[str, bool] | None = None,
-                        novel: dict[str, bool] | None = None) -> dict:
+                        novel: dict[str, bool] | None = None,
+                        settings: RelaxationSettings = RelaxationSettings()) -> dict:
     """Rates over all `entries` evaluated (unreadable and invalid ones count as not stable): stable share,
     S.U.N. rate (stable, unique among the samples, novel against the training set: `unique` and `novel` map
     names to flags), medians of E_hull, RMSD and relaxation steps and mean CHGNet energies before and after over
@@ -241,12 +294,33 @@ def summarize_stability(records: list[dict], entries: int, unique: dict[str, boo
         "mean_initial_energy_per_atom": _statistic(np.mean, relaxed, "initial_energy_per_atom"),
         "mean_energy_per_atom": _statistic(np.mean, relaxed, "energy_per_atom"),
         "core_seconds_per_structure": float(np.mean([r["seconds"] for r in records])) if records else None,
-        "approximations": APPROXIMATIONS, "sun": None, "sun_rate": None,
+        "approximations": approximations(settings), "sun": None, "sun_rate": None,
     }
     if unique is not None and novel is not None:
         sun = [r for r in stable if unique.get(r["name"]) and novel.get(r["name"])]
         summary.update(sun=len(sun), sun_rate=len(sun) / entries if entries else None)
     return summary
+
+
+def stability_classification(predicted: list[float], known: list[float], cut: float = STABLE_E_HULL) -> dict:
+    """How well predicted E_hull values call stability against known (DFT) ones, both read as stable at or below
+    `cut` (eV/atom; Matbench Discovery's cut is 0): precision, recall, F1, the false-positive rate (unstable
+    materials called stable, over the unstable ones), the counts, and the E_hull MAE.
+
+    >>> result = stability_classification([-0.1, 0.05, 0.3, -0.02], [-0.05, 0.2, 0.4, 0.01], cut=0.0)
+    >>> result["precision"], result["recall"], result["false_positive_rate"], round(result["mae"], 3)
+    (0.5, 1.0, 0.333, 0.083)
+    """
+    predicted, known = np.asarray(predicted, float), np.asarray(known, float)
+    called, stable = predicted <= cut, known <= cut
+    true_positive = int((called & stable).sum())
+    precision = true_positive / int(called.sum()) if called.any() else None
+    recall = true_positive / int(stable.sum()) if stable.any() else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+    false_positive_rate = round(int((called & ~stable).sum()) / int((~stable).sum()), 3) if (~stable).any() else None
+    return {"cut": cut, "n": len(known), "stable_known": int(stable.sum()), "called_stable": int(called.sum()),
+            "precision": precision, "recall": recall, "f1": f1, "false_positive_rate": false_positive_rate,
+            "mae": float(np.mean(np.abs(predicted - known))) if len(known) else None}
 
 
 def e_hull_agreement(records: list[dict], known: dict[str, float], threshold: float = STABLE_E_HULL) -> dict:

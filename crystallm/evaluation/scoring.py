@@ -1,6 +1,6 @@
 """Scoring structures (docs/architecture.md): each entry of a collection becomes one `ScoredStructure` (its
 structure, validity, symmetry and self-consistency, or the reason it could not be scored), in worker processes;
-`summarize` turns the records into the set-level metrics. Used by `crystallm evaluate`, the generate folder and
+`metrics.summarize` turns the records into the set-level metrics. Used by `crystallm evaluate`, the generate folder and
 the eval/ stages.
 
 Every entry that cannot be read or scored is kept as a record with its reason; nothing stops the batch.
@@ -17,7 +17,7 @@ from pymatgen.core import Structure
 
 from crystallm import symmetry, validity
 from crystallm.errors import CrystaLLMInputError
-from crystallm.evaluation import distribution, matching, symmetry_stats
+from crystallm.evaluation import distribution
 from crystallm.evaluation.pools import ordered_map
 from crystallm.evaluation.readers import Entry
 from crystallm.io import cif, text_format
@@ -28,8 +28,7 @@ MAX_ATOMS = 1000  # larger cells are reported, not scored: pair distances grow a
 @dataclasses.dataclass
 class ScoredStructure:
     """One scored entry: the structure and its per-structure metrics, or `error` (the reason it could not be
-    scored, all metrics left at their defaults). `unique` and `novel` are set by `summarize` for valid
-    structures (S.U.N. uses them); fingerprints only where coverage was asked for.
+    scored, all metrics left at their defaults); fingerprints only where coverage was asked for.
 
     >>> from pymatgen.core import Lattice
     >>> record = score_structure("CsCl", Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]))
@@ -54,8 +53,6 @@ class ScoredStructure:
     bond_length_score: float | None = None
     structure_fp: list[float] | None = None
     composition_fp: list[float] | None = None
-    unique: bool | None = None
-    novel: bool | None = None
 
     @property
     def valid(self) -> bool:
@@ -153,80 +150,3 @@ def score_entries(entries: Iterable[Entry], fingerprints: bool = False, bond_len
     in input order as they finish."""
     work = ((entry, fingerprints, bond_lengths) for entry in entries)
     yield from ordered_map(_score_star, work, num_proc, ray, chunksize=16)
-
-
-def _rate(values) -> float | None:
-    values = [bool(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _reason(record: ScoredStructure) -> str:
-    """The kind of an error, for counting: its exception name and first words, the entry's name left out.
-
-    >>> _reason(ScoredStructure("a.cif", error="MalformedCIFError: a.cif: not a readable CIF (Invalid CIF file)"))
-    'MalformedCIFError: not a readable CIF'
-    """
-    words = record.error.replace(f"{record.name}: ", "").split()
-    return " ".join(words[:5]).rstrip(":")
-
-
-def summarize(records: list[ScoredStructure], test: list[ScoredStructure] | None = None,
-              coverage_cutoffs: dict[str, float] | None = None, uniqueness: bool = True, num_proc: int | None = 1,
-              ray: str | None = None) -> dict:
-    """Set-level metrics of scored records (see README for every key).
-
-    Rates under `validity` count unreadable entries as invalid (CDVAE's convention); uniqueness is over
-    valid structures (novelty against a reference: `reference.summarize_novelty`), matched where `num_proc` and
-    `ray` say (`matching.unique_mask`); `uniqueness=False` leaves out the pairwise matching (for summaries
-    rewritten while a run goes on). Each valid record gets its flag `unique` for per-structure use (S.U.N.).
-    """
-    scored = [r for r in records if not r.error]
-    valid = [r for r in scored if r.valid]
-    reasons: dict[str, int] = {}
-    for r in records:
-        if r.error:
-            reasons[_reason(r)] = reasons.get(_reason(r), 0) + 1
-    n = len(records)
-    summary = {
-        "entries": n,
-        "scored": len(scored),
-        "unreadable": n - len(scored),
-        "unreadable_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "validity": {
-            "structural": sum(r.structural_valid for r in scored) / n if n else None,
-            "compositional": sum(r.compositional_valid for r in scored) / n if n else None,
-            "overall": len(valid) / n if n else None,
-        },
-        "symmetry": {
-            f"symprec_{p}": symmetry_stats.space_group_statistics(
-                [r.space_group(p) for r in scored],
-                [r.stated_space_group for r in scored] if any(r.stated_space_group for r in scored) else None)
-            for p in ("0.1", "0.01")
-        },
-        "self_consistency": {
-            "formula": _rate(r.formula_consistent for r in scored),
-            "bond_length_score_mean": float(np.mean([r.bond_length_score for r in scored]))
-            if scored and scored[0].bond_length_score is not None else None,
-        },
-    }
-    if uniqueness:
-        unique = matching.unique_mask([r.structure for r in valid], num_proc=num_proc, ray=ray)
-        summary["uniqueness"] = sum(unique) / len(valid) if valid else None
-        for record, flag in zip(valid, unique):
-            record.unique = flag
-    if test is not None:
-        summary["wasserstein"] = distribution.wasserstein_distances(
-            [r.density for r in valid], [r.n_elements for r in valid],
-            [r.density for r in test], [r.n_elements for r in test])
-        summary["test_size"] = len(test)
-        with_fp = [r for r in valid if r.structure_fp is not None]
-        test_fp = [r for r in test if r.structure_fp is not None]
-        if with_fp and test_fp:
-            cutoffs = coverage_cutoffs or distribution.MP20_COVERAGE_CUTOFFS
-            summary["coverage"] = distribution.coverage(
-                np.array([r.structure_fp for r in with_fp]), np.array([r.composition_fp for r in with_fp]),
-                np.array([r.structure_fp for r in test_fp]), np.array([r.composition_fp for r in test_fp]),
-                cutoffs["structure"], cutoffs["composition"])
-    return summary
-
-

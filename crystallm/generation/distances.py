@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-# Structural validity (docs/architecture.md): every periodic pair distance at least 0.5 Å.
-VALIDITY_DISTANCE = 0.5
+from crystallm import validity
+
 # The 27 neighbouring cells: with fractional differences wrapped into [-0.5, 0.5), the nearest image of a pair
 # lies among them for any cell the format writes (angles in [59, 121) degrees).
 _IMAGES = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=3)))
@@ -39,7 +39,7 @@ class DistanceFloor:
     (0.5, 1.34)
     """
 
-    min_distance: float = VALIDITY_DISTANCE
+    min_distance: float = validity.MIN_DISTANCE
     covalent_fraction: float | None = None
 
     def between(self, element: str, other: str) -> float:

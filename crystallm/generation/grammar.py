@@ -17,19 +17,21 @@ closed only where SMACT's test passes. Where no choice is left, the least bad on
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
-from pymatgen.core import Lattice
+from pymatgen.core import Composition, Lattice
 from transformers import LogitsProcessor
 
 from crystallm import symmetry
 from crystallm.generation.distances import DistanceFloor, orbit_clearance, too_close_for_each
 from crystallm.io import text_format
 from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
+from crystallm.validity import compositional_validity
 
 MAX_ELEMENTS = 8
 ROW_TOKENS = 8  # element, Wyckoff symbol, three coordinates of at most two tokens each
@@ -42,11 +44,37 @@ GROUP_MASS_CHECKED = 1 - 1e-4
 TRICLINIC_ANGLES = (59, 121)
 
 
+class Stage(enum.StrEnum):
+    """The parts of a text, in order (`CrystalGrammarLogitsProcessor.STAGES` defines each)."""
+
+    START = "start"
+    FORMULA = "formula"
+    GROUP = "group"
+    UNITS_TAG = "units_tag"
+    UNITS = "units"
+    LATTICE = "lattice"
+    LOOP = "loop"
+    ROW_ELEMENT = "row_element"
+    WYCKOFF = "wyckoff"
+    COORDINATE = "coordinate"
+    DONE = "done"
+
+
+class StageRule(NamedTuple):
+    """One stage of the grammar: `allowed(processor, state)` lists the token ids allowed next,
+    `advance(processor, state, token)` moves the state past an allowed token, and `accepts(processor, state,
+    token)`, where given, checks one token instead of `token in allowed(...)`."""
+
+    allowed: Callable
+    advance: Callable
+    accepts: Callable | None = None
+
+
 @dataclass
 class _State:
     """Where one sequence stands in the grammar."""
 
-    stage: str = "start"  # start, formula, group, units, lattice, loop, row_element, wyckoff, coordinate, done
+    stage: Stage = Stage.START
     formula: dict[str, int] = field(default_factory=dict)
     last_element: str | None = None
     counted: bool = False
@@ -77,10 +105,6 @@ _CHUNK_MIDDLES = (np.arange(100) + 0.5) / 100
 @lru_cache(maxsize=None)
 def _charge_neutral(formula: tuple[tuple[str, int], ...]) -> bool:
     """SMACT's charge-neutrality and electronegativity test (compositional validity) of a formula."""
-    from pymatgen.core import Composition
-
-    from crystallm.validity import compositional_validity
-
     return compositional_validity(Composition(dict(formula)))
 
 
@@ -204,88 +228,164 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         if problem:
             raise ValueError(problem)
 
-    # --- the state machine -------------------------------------------------------------------------------
+    # --- the state machine: each stage once, in STAGES below ----------------------------------------------
     def _advance(self, state: _State, token: int) -> None:
         """Move `state` past `token` (assumed allowed; a disallowed one sets state.error)."""
         if token in self.skip or state.error:
             return
-        if not self._is_allowed(state, token):
+        rule = self.STAGES[state.stage]
+        if not (rule.accepts(self, state, token) if rule.accepts else token in rule.allowed(self, state)):
             state.error = f"token {self.token_of.get(token)!r} not allowed in stage {state.stage}"
             return
-        if state.stage == "start":
-            state.stage = "formula"
-        elif state.stage == "formula":
-            if token in self.formula_elements:
-                state.last_element, state.counted = self.formula_elements[token], False
-                state.formula[state.last_element] = 1
-            elif token in self.counts:
-                state.formula[state.last_element], state.counted = self.counts[token], True
-            else:  # the space-group tag
-                state.stage = "group"
-        elif state.stage == "group":
-            state.space_group = self.groups[token]
-            state.stage = "units_tag"
-        elif state.stage == "units_tag":
-            state.stage = "units"
-        elif state.stage == "units":
-            state.formula_units = self.units[token]
-            state.remaining = {e: c * state.formula_units for e, c in state.formula.items()}
-            system = symmetry.crystal_system(state.space_group)
-            state.lattice_left = list(text_format.FREE_LATTICE_PARAMETERS[system])
-            state.stage, state.lattice_part = "lattice", 0
-        elif state.stage == "lattice":
-            index = state.lattice_left[0]
-            if state.lattice_part == 1:
-                state.lattice_values[index] = float(self.integer_parts[token])
-            elif state.lattice_part == 2:
-                state.lattice_values[index] += self.decimal_values[token]
-            state.lattice_part += 1
-            if state.lattice_part == 3:
-                state.lattice_left.pop(0)
-                state.lattice_part = 0
-                if not state.lattice_left:
-                    state.stage = "loop"
-                    if self.floor:
-                        system = symmetry.crystal_system(state.space_group)
-                        parameters = text_format.complete_lattice_parameters(system, state.lattice_values)
-                        state.lattice = Lattice.from_parameters(*parameters).matrix
-        elif state.stage == "loop":
-            state.stage = "row_element"
-        elif state.stage == "row_element":
-            if token == self.eos:
-                state.stage = "done"
-            else:
-                state.element = self.row_elements[token]
-                state.stage = "wyckoff"
-        elif state.stage == "wyckoff":
-            label = self.wyckoff_ids[token]
-            state.wyckoff = symmetry.wyckoff_position(state.space_group, label[-1])
-            state.remaining[state.element] -= state.wyckoff.multiplicity
-            if not state.wyckoff.free_axes:
-                state.used_fixed.add(state.wyckoff.letter)
-            state.stage, state.axis, state.coordinate_part, state.params = "coordinate", 0, 0, []
-        elif state.stage == "coordinate":
-            if token == self.fixed or state.coordinate_part == 1:
-                if token != self.fixed:
-                    state.params.append(state.params.pop() + self.decimal_values[token] / 100)
-                state.axis, state.coordinate_part = state.axis + 1, 0
-            else:
-                state.params.append(self.first_values[token])
-                state.coordinate_part = 1
-            if state.axis == 3:
-                state.stage = "row_element"
-                if self.floor:
-                    orbit = state.wyckoff.orbit(state.params)
-                    state.placed = np.concatenate([state.placed, orbit])
-                    state.placed_elements += [state.element] * len(orbit)
+        rule.advance(self, state, token)
 
-    def _is_allowed(self, state: _State, token: int) -> bool:
-        if state.stage == "group" and not self.space_group:  # one group's check, not all 230
-            number = self.groups.get(token)
-            return number is not None and bool(self._units_for(state.formula, number))
-        if state.stage == "formula":  # a formula closed off charge neutrality (a counted fallback) is still text
-            return token in self._formula_allowed(state, neutral=False)
-        return token in self._allowed(state)
+    def _allowed(self, state: _State) -> list[int]:
+        """Token ids allowed next."""
+        return self.STAGES[state.stage].allowed(self, state)
+
+    def _after_start(self, state: _State, token: int) -> None:
+        state.stage = Stage.FORMULA
+
+    def _accept_formula(self, state: _State, token: int) -> bool:
+        return token in self._formula_allowed(state, neutral=False)  # a formula closed off neutrality is still text
+
+    def _after_formula(self, state: _State, token: int) -> None:
+        if token in self.formula_elements:
+            state.last_element, state.counted = self.formula_elements[token], False
+            state.formula[state.last_element] = 1
+        elif token in self.counts:
+            state.formula[state.last_element], state.counted = self.counts[token], True
+        else:  # the space-group tag
+            state.stage = Stage.GROUP
+
+    def _allow_group(self, state: _State) -> list[int]:
+        # Only an imposed group is listed here; otherwise __call__ asks _likely_groups, which needs the scores.
+        return [self.group_ids[self.space_group - 1]] if self.space_group else []
+
+    def _accept_group(self, state: _State, token: int) -> bool:
+        if self.space_group:
+            return token in self._allow_group(state)
+        number = self.groups.get(token)  # one group's check, not all 230
+        return number is not None and bool(self._units_for(state.formula, number))
+
+    def _after_group(self, state: _State, token: int) -> None:
+        state.space_group, state.stage = self.groups[token], Stage.UNITS_TAG
+
+    def _after_units_tag(self, state: _State, token: int) -> None:
+        state.stage = Stage.UNITS
+
+    def _allow_units(self, state: _State) -> list[int]:
+        return [self.id_of[f" {z}"] for z in self._units_for(state.formula, state.space_group)]
+
+    def _after_units(self, state: _State, token: int) -> None:
+        state.formula_units = self.units[token]
+        state.remaining = {e: c * state.formula_units for e, c in state.formula.items()}
+        system = symmetry.crystal_system(state.space_group)
+        state.lattice_left = list(text_format.FREE_LATTICE_PARAMETERS[system])
+        state.stage, state.lattice_part = Stage.LATTICE, 0
+
+    def _allow_lattice(self, state: _State) -> list[int]:
+        index = state.lattice_left[0]
+        if state.lattice_part == 0:
+            return [self.tags[text_format.LATTICE_TAGS[index]]]
+        low, high = (text_format.MIN_LENGTH, text_format.MAX_LENGTH) if index < 3 else (1, 180)
+        if index >= 3 and state.space_group <= 2:
+            low, high = self._triclinic_angle_range(state, index)
+        if state.lattice_part == 1:
+            return [i for i, k in self.integer_parts.items() if low <= k + 0.99 and k < high]
+        value = state.lattice_values[index]
+        return [i for i, d in self.decimal_values.items() if low <= value + d < high]
+
+    def _after_lattice(self, state: _State, token: int) -> None:
+        index = state.lattice_left[0]
+        if state.lattice_part == 1:
+            state.lattice_values[index] = float(self.integer_parts[token])
+        elif state.lattice_part == 2:
+            state.lattice_values[index] += self.decimal_values[token]
+        state.lattice_part += 1
+        if state.lattice_part < 3:
+            return
+        state.lattice_left.pop(0)
+        state.lattice_part = 0
+        if not state.lattice_left:
+            state.stage = Stage.LOOP
+            if self.floor:
+                system = symmetry.crystal_system(state.space_group)
+                parameters = text_format.complete_lattice_parameters(system, state.lattice_values)
+                state.lattice = Lattice.from_parameters(*parameters).matrix
+
+    def _after_loop(self, state: _State, token: int) -> None:
+        state.stage = Stage.ROW_ELEMENT
+
+    def _allow_row_element(self, state: _State) -> list[int]:
+        left = [e for e in state.formula if state.remaining[e] > 0]
+        return [self.id_of["\n" + left[0]]] if left else [self.eos]
+
+    def _after_row_element(self, state: _State, token: int) -> None:
+        if token == self.eos:
+            state.stage = Stage.DONE
+        else:
+            state.element, state.stage = self.row_elements[token], Stage.WYCKOFF
+
+    def _allow_wyckoff(self, state: _State) -> list[int]:
+        elements = list(state.formula)
+        index = elements.index(state.element)
+        counts = tuple(state.remaining[e] for e in elements)
+        allowed = []
+        for wp in symmetry.wyckoff_positions(state.space_group):
+            if wp.multiplicity > counts[index] or (not wp.free_axes and wp.letter in state.used_fixed):
+                continue
+            rest = counts[:index] + (counts[index] - wp.multiplicity,) + counts[index + 1:]
+            used = state.used_fixed if wp.free_axes else state.used_fixed | {wp.letter}
+            if _feasible(state.space_group, rest, frozenset(used), self.max_atoms):
+                allowed.append(self.id_of[" " + wp.label])
+        return allowed
+
+    def _after_wyckoff(self, state: _State, token: int) -> None:
+        state.wyckoff = symmetry.wyckoff_position(state.space_group, self.wyckoff_ids[token][-1])
+        state.remaining[state.element] -= state.wyckoff.multiplicity
+        if not state.wyckoff.free_axes:
+            state.used_fixed.add(state.wyckoff.letter)
+        state.stage, state.axis, state.coordinate_part, state.params = Stage.COORDINATE, 0, 0, []
+
+    def _allow_coordinate(self, state: _State) -> list[int]:
+        if state.coordinate_part == 1:
+            return self.decimal_pairs
+        return self.coordinate_firsts if state.axis in state.wyckoff.free_axes else [self.fixed]
+
+    def _after_coordinate(self, state: _State, token: int) -> None:
+        if token == self.fixed or state.coordinate_part == 1:
+            if token != self.fixed:
+                state.params.append(state.params.pop() + self.decimal_values[token] / 100)
+            state.axis, state.coordinate_part = state.axis + 1, 0
+        else:
+            state.params.append(self.first_values[token])
+            state.coordinate_part = 1
+        if state.axis == 3:
+            state.stage = Stage.ROW_ELEMENT
+            if self.floor:
+                orbit = state.wyckoff.orbit(state.params)
+                state.placed = np.concatenate([state.placed, orbit])
+                state.placed_elements += [state.element] * len(orbit)
+
+    def _after_done(self, state: _State, token: int) -> None:
+        """Done: padding with <eos> leaves the state as it is."""
+
+    # The grammar, in text order: what each stage allows next, how an allowed token moves the state on, and
+    # where one token is checked more cheaply (or more leniently) than by listing them all, that check.
+    STAGES = {
+        Stage.START: StageRule(lambda self, state: [self.data], _after_start),
+        Stage.FORMULA: StageRule(lambda self, state: self._formula_allowed(state), _after_formula, _accept_formula),
+        Stage.GROUP: StageRule(_allow_group, _after_group, _accept_group),
+        Stage.UNITS_TAG: StageRule(lambda self, state: [self.tags[text_format.TAG_FORMULA_UNITS]], _after_units_tag),
+        Stage.UNITS: StageRule(_allow_units, _after_units),
+        Stage.LATTICE: StageRule(_allow_lattice, _after_lattice),
+        Stage.LOOP: StageRule(lambda self, state: [self.loop], _after_loop),
+        Stage.ROW_ELEMENT: StageRule(_allow_row_element, _after_row_element),
+        Stage.WYCKOFF: StageRule(_allow_wyckoff, _after_wyckoff),
+        Stage.COORDINATE: StageRule(_allow_coordinate, _after_coordinate),
+        Stage.DONE: StageRule(lambda self, state: [self.eos], _after_done),
+    }
 
     def _likely_groups(self, state: _State, scores: torch.Tensor) -> list[int]:
         """The group tokens allowed after a formula: the feasible ones among the most probable groups that
@@ -299,55 +399,6 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             if self._units_for(state.formula, index + 1):
                 allowed.append(self.group_ids[index])
         return allowed
-
-    def _allowed(self, state: _State) -> list[int]:
-        """Token ids allowed next."""
-        stage = state.stage
-        if stage == "start":
-            return [self.data]
-        if stage == "formula":
-            return self._formula_allowed(state)
-        if stage == "group":
-            # Only an imposed group is listed here; otherwise __call__ asks _likely_groups, which needs the scores.
-            return [self.group_ids[self.space_group - 1]] if self.space_group else []
-        if stage == "units_tag":
-            return [self.tags[text_format.TAG_FORMULA_UNITS]]
-        if stage == "units":
-            return [self.id_of[f" {z}"] for z in self._units_for(state.formula, state.space_group)]
-        if stage == "lattice":
-            index = state.lattice_left[0]
-            if state.lattice_part == 0:
-                return [self.tags[text_format.LATTICE_TAGS[index]]]
-            low, high = (text_format.MIN_LENGTH, text_format.MAX_LENGTH) if index < 3 else (1, 180)
-            if index >= 3 and state.space_group <= 2:
-                low, high = self._triclinic_angle_range(state, index)
-            if state.lattice_part == 1:
-                return [i for i, k in self.integer_parts.items() if low <= k + 0.99 and k < high]
-            value = state.lattice_values[index]
-            return [i for i, d in self.decimal_values.items() if low <= value + d < high]
-        if stage == "loop":
-            return [self.loop]
-        if stage == "row_element":
-            left = [e for e in state.formula if state.remaining[e] > 0]
-            return [self.id_of["\n" + left[0]]] if left else [self.eos]
-        if stage == "wyckoff":
-            elements = list(state.formula)
-            index = elements.index(state.element)
-            counts = tuple(state.remaining[e] for e in elements)
-            allowed = []
-            for wp in symmetry.wyckoff_positions(state.space_group):
-                if wp.multiplicity > counts[index] or (not wp.free_axes and wp.letter in state.used_fixed):
-                    continue
-                rest = counts[:index] + (counts[index] - wp.multiplicity,) + counts[index + 1:]
-                used = state.used_fixed if wp.free_axes else state.used_fixed | {wp.letter}
-                if _feasible(state.space_group, rest, frozenset(used), self.max_atoms):
-                    allowed.append(self.id_of[" " + wp.label])
-            return allowed
-        if stage == "coordinate":
-            if state.coordinate_part == 1:
-                return self.decimal_pairs
-            return self.coordinate_firsts if state.axis in state.wyckoff.free_axes else [self.fixed]
-        return [self.eos]  # done: keep padding with eos
 
     @staticmethod
     def _triclinic_angle_range(state: _State, index: int) -> tuple[float, float]:
@@ -428,13 +479,13 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
             state = self._incremental_state(row, ids)
             if state.error:
                 raise ValueError(f"the prompt does not follow the text format: {state.error}")
-            if state.stage == "group" and not self.space_group:
+            if state.stage == Stage.GROUP and not self.space_group:
                 allowed = self._likely_groups(state, scores[row])
             else:
                 allowed = self._allowed(state)
-            if state.lattice is not None and state.stage in ("wyckoff", "coordinate"):
+            if state.lattice is not None and state.stage in (Stage.WYCKOFF, Stage.COORDINATE):
                 allowed = self._keep_apart(state, allowed)
-            elif not allowed and state.stage == "formula":  # no charge-neutral way on: close the formula as it is
+            elif not allowed and state.stage == Stage.FORMULA:  # no charge-neutral way on: close the formula as it is
                 allowed = [self.tags[text_format.TAG_SPACE_GROUP]]
                 state.fallbacks += 1
             mask[row, allowed] = 0.0
@@ -453,7 +504,7 @@ class CrystalGrammarLogitsProcessor(LogitsProcessor):
         then the exact second chunk). All candidates of a step are measured at once. If none keeps the floor,
         the one with the most room is allowed, and counted."""
         wp = state.wyckoff
-        if state.stage == "wyckoff":
+        if state.stage == Stage.WYCKOFF:
             positions = [symmetry.wyckoff_position(state.space_group, self.wyckoff_ids[t][-1]) for t in allowed]
             measured = [i for i, p in enumerate(positions) if len(p.free_axes) <= 1]
             blocked = [False] * len(positions)

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 from pymatgen.core import Structure
+from tqdm import tqdm
 
 from crystallm.errors import CrystaLLMInputError, OutputWriteError
-from crystallm.evaluation import readers, reports, scoring
+from crystallm.evaluation import metrics, readers, reports, scoring
 from crystallm.evaluation.scoring import ScoredStructure
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import GeneratedSample, generate_structures
@@ -188,20 +189,9 @@ class GenerationFolder:
         return summary
 
     def summary(self, uniqueness: bool = True) -> dict:
-        """Counts and rates of the samples so far (`scoring.summarize`) and generation speed."""
-        summary = scoring.summarize(self.records, uniqueness=uniqueness)
-        seconds = sum(e["seconds"] for e in self.entries)
-        tokens = sum(e["tokens"] for e in self.entries)
+        """Counts and rates of the samples so far and generation speed (`evaluation.metrics`)."""
+        summary = metrics.summarize(metrics.MetricInputs(self.records, journal=self.entries, uniqueness=uniqueness))
         summary["requested"] = self.run.get("num")
-        summary["parse_rate"] = summary["scored"] / summary["entries"] if summary["entries"] else None
-        summary["generation"] = {"seconds": seconds, "refine_seconds": sum(e.get("refine_seconds", 0.0)
-                                                                         for e in self.entries),
-                                 "structures_per_second": len(self.entries) / seconds
-                                 if seconds else None, "tokens_per_second": tokens / seconds if seconds else None,
-                                 "tokens_per_structure": tokens / len(self.entries) if self.entries else None,
-                                 # Dead ends of the distance floor: samples drawn again, and kept below the floor.
-                                 "resampled": sum(1 for e in self.entries if e.get("resamples")),
-                                 "below_floor": sum(1 for e in self.entries if e.get("fallbacks"))}
         summary["settings"] = self.settings
         return summary
 
@@ -367,8 +357,6 @@ def generate_into(folder: GenerationFolder, model, tokenizer, prompts: Prompt | 
     >>> summary["entries"], summary["parse_rate"]
     (2, 1.0)
     """
-    from tqdm import tqdm
-
     folder.check_weights(weights_fingerprint(model))
     batch_size = folder.sampling.batch_size
     index, count = shard

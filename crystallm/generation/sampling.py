@@ -10,6 +10,7 @@ records of what came out (text, parsed structure or the parse error, detected sp
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pymatgen.core import Structure
 from transformers import LogitsProcessorList
 
 from crystallm import symmetry
+from crystallm.adapters import active_adapter
 from crystallm.compute import bf16_pays
 from crystallm.diffraction.encoder import pattern_conditioning
 from crystallm.errors import CrystaLLMInputError
@@ -28,6 +30,10 @@ from crystallm.generation.grammar import CrystalGrammarLogitsProcessor
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
+from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
+from crystallm.modeling import load_model
+from crystallm.refinement import refine_texts
+from crystallm.tokenization import CrystaLLMTokenizer
 
 # How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
 RESAMPLE_ATTEMPTS = 3
@@ -68,10 +74,6 @@ def load_generator(model: str | Path | None = None, device: str | None = None):
     >>> model.config.model_type, len(tokenizer)
     ('crystallm', 1394)
     """
-    from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
-    from crystallm.modeling import load_model
-    from crystallm.tokenization import CrystaLLMTokenizer
-
     device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any loading
     source = str(resolve_model_folder(model or DEFAULT_MODEL))  # a Hub id becomes its cached snapshot
     loaded = load_model(source)
@@ -114,8 +116,6 @@ def _space_group(structure: Structure | None) -> int | None:
 
 def _finish(model, tokenizer, samples: list[GeneratedSample], refine: bool, symmetrize: bool) -> None:
     """Refine (the model's continuous head) and symmetrize (spglib) the parsed samples of a batch, in place."""
-    from crystallm.generation.refinement import refine_texts
-
     parsed = [s for s in samples if s.structure is not None]
     if refine and parsed:
         begun = time.perf_counter()
@@ -215,8 +215,6 @@ def measure_speed(model, tokenizer, num: int, settings: SamplingSettings = Sampl
     ['batch_size', 'end_to_end_structures_per_second', 'resampled', 'runs', 'structures_per_second',
      'tokens_per_second', 'tokens_per_structure']
     """
-    import statistics
-
     runs = []
     for repeat in range(repeats):
         begun = time.perf_counter()
@@ -260,8 +258,6 @@ def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, setting
 def _adapter_context(model, prompts: list[Prompt], guidance: float):
     """What to run generation under: the base model for unconditioned prompts (adapters disabled), the active
     adapter for conditioned ones, which must be the prompts' property."""
-    from crystallm.adapters import active_adapter
-
     properties = {p.adapter_name for p in prompts}
     active = active_adapter(model)
     if guidance != 1.0 and any(p.pattern for p in prompts):

@@ -10,8 +10,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from crystallm import validity
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.distances import VALIDITY_DISTANCE, DistanceFloor
+from crystallm.generation.distances import DistanceFloor
 
 DEFAULT_MAX_ATOMS = 160  # conventional cell; 99.9% of the pretraining corpus has at most this many atoms
 
@@ -36,7 +37,7 @@ class SamplingSettings:
     top_p: float | None = None  # None or 1: off
     max_atoms: int = DEFAULT_MAX_ATOMS  # atoms in the conventional cell, at most
     guidance: float = 1.0  # classifier-free guidance scale (HF's guidance_scale); 1: none
-    min_distance: float = VALIDITY_DISTANCE  # Å: no two atoms closer (the grammar masks such choices); 0: off
+    min_distance: float = validity.MIN_DISTANCE  # Å: no two atoms closer (the grammar masks such choices); 0: off
     covalent_fraction: float | None = None  # with it, the floor is also this fraction of the covalent radii's sum
     charge_neutral: bool = False  # close only formulas that pass SMACT's test
     grammar: bool = True  # False only to measure what the grammar buys

@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import zipfile
 
 from pymatgen.core import Element, Lattice, Structure  # noqa: F401  (Lattice: the docstring examples)
+from pymatgen.io.cif import CifParser, CifWriter
+from pymatgen.symmetry.analyzer import SymmetryUndeterminedError
 
 from crystallm import symmetry
 from crystallm.errors import MalformedCIFError
@@ -25,8 +28,6 @@ def structure_from_cif(cif: str, name: str = "<cif>") -> Structure:
     >>> s.composition.reduced_formula
     'CsCl'
     """
-    from pymatgen.io.cif import CifParser
-
     _check_cell(cif, name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -75,9 +76,6 @@ def structure_to_cif(structure: Structure, symprec: float | None = symmetry.DEFA
     ...     [[0, 0, 0], [.5, .5, .5]]))
     True
     """
-    from pymatgen.io.cif import CifWriter
-    from pymatgen.symmetry.analyzer import SymmetryUndeterminedError
-
     try:
         return str(CifWriter(structure, symprec=symprec, angle_tolerance=symmetry.DEFAULT_ANGLE_TOLERANCE))
     except SymmetryUndeterminedError:  # spglib finds no group (e.g. overlapping atoms): write it as P1
@@ -95,8 +93,6 @@ def write_cif_zip(path, structures: dict[str, Structure], mode: str = "w") -> No
     >>> zipfile.ZipFile(path).namelist()
     ['nacl.cif']
     """
-    import zipfile
-
     with zipfile.ZipFile(path, mode, compression=zipfile.ZIP_DEFLATED) as archive:
         for name, structure in structures.items():
             archive.writestr(f"{name}.cif", structure_to_cif(structure, symprec=None))

@@ -271,11 +271,7 @@ def _check_orderable(structure: Structure) -> None:
         raise InvalidStructureError(f"expected a pymatgen Structure, got {type(structure).__name__}")
     if len(structure) == 0:
         raise InvalidStructureError("the structure has no atoms")
-    if not structure.is_ordered:
-        index, site = next((i, s) for i, s in enumerate(structure) if not s.is_ordered)
-        raise InvalidStructureError(
-            f"site {index} is disordered or partially occupied ({site.species.formula}); "
-            "the format holds ordered structures only")
+    symmetry.check_ordered(structure, "the format holds ordered structures only")
     for index, site in enumerate(structure):
         if not is_chemical_element(site.specie):
             raise InvalidStructureError(f"site {index} holds {site.specie!s}, which is not a chemical element")

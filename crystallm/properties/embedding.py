@@ -15,6 +15,7 @@ from crystallm.evaluation.reference import Embeddings, ReferenceSet
 from crystallm.evaluation.scoring import structure_of_entry
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
+from crystallm.properties.surrogates import embed
 
 
 def unit_embeddings(model, tokenizer, texts: list[str]) -> np.ndarray:
@@ -25,8 +26,6 @@ def unit_embeddings(model, tokenizer, texts: list[str]) -> np.ndarray:
     >>> vectors.shape, bool(np.allclose(np.linalg.norm(vectors, axis=1), 1))
     ((2, 256), True)
     """
-    from crystallm.properties.surrogates import embed
-
     order = np.argsort([len(text) for text in texts], kind="stable")  # batches of like length: little padding
     vectors = np.empty((len(texts), model.config.n_embd), dtype=np.float32)
     vectors[order] = embed(model, tokenizer, [texts[i] for i in order])

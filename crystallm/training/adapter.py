@@ -16,7 +16,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crystallm import data
+from crystallm.data import labelled_texts
+from crystallm.diffraction.encoder import (
+    PATTERN_ADAPTER,
+    PATTERN_TOKEN,
+    PREFIX_LENGTH,
+    PatternEncoderConfig,
+    attach_pattern_encoder,
+    lattice_values,
+    pattern_conditioning,
+    pattern_prefix,
+)
+from crystallm.diffraction.patterns import Peaks, degraded_profile
 from crystallm.errors import CrystaLLMInputError
+from crystallm.generation.conditioning import condition_prefix
+from crystallm.generation.sampling import load_generator
+from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
 from crystallm.training.collator import epoch_batches
 from crystallm.training.pretrain import make_accelerator, token_weighted
 from crystallm.training.settings import AdapterSettings
@@ -32,10 +48,6 @@ def train_adapter(settings: AdapterSettings) -> Path:
     The loss skips the condition tokens. Saves the adapter to `output_dir/<property>/` (PEFT's layout for a named
     adapter) with a JSON log and its settings.
     """
-    from crystallm.data import labelled_texts
-    from crystallm.generation.conditioning import condition_prefix
-    from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
-
     name, seed = settings.property, settings.seed
     if not name:
         raise CrystaLLMInputError("a property adapter needs `property` (e.g. band_gap) in its settings")
@@ -61,17 +73,6 @@ def train_pattern_adapter(settings: AdapterSettings) -> Path:
     encoder's lattice head (the text's cell, `lattice_values`, standardized over the corpus). Saves the adapter to
     `output_dir/xrd/` with `pattern_encoder.json`.
     """
-    from crystallm import data
-    from crystallm.diffraction.encoder import (
-        PATTERN_ADAPTER,
-        PATTERN_TOKEN,
-        PREFIX_LENGTH,
-        lattice_values,
-        pattern_conditioning,
-        pattern_prefix,
-    )
-    from crystallm.diffraction.patterns import Peaks, degraded_profile
-
     seed = settings.seed
     corpus = data.load_texts(settings.corpus, settings.max_rows)
     corpus = data.add_diffraction_peaks(corpus, settings.num_proc)
@@ -106,7 +107,6 @@ def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Co
     when given."""
     from peft import LoraConfig, get_peft_model
 
-    from crystallm.generation.sampling import load_generator
 
     out, seed = Path(settings.output_dir), settings.seed
     torch.manual_seed(seed)
@@ -114,8 +114,6 @@ def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Co
     model, tokenizer = load_generator(settings.model, device=str(accelerator.device))
     encoder = None
     if pattern_encoder:
-        from crystallm.diffraction.encoder import PatternEncoderConfig, attach_pattern_encoder
-
         encoder = PatternEncoderConfig.for_model(model)
         attach_pattern_encoder(model, encoder)
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from crystallm import data
 from crystallm.compute import bf16_pays
-from crystallm.modeling import CrystaLLMOutput
+from crystallm.configuration import CrystaLLMConfig
+from crystallm.modeling import CrystaLLMForCausalLM, CrystaLLMOutput
+from crystallm.tokenization import CrystaLLMTokenizer
 from crystallm.training.collator import PretrainingCollator, epoch_batches, held_out_split
 from crystallm.training.settings import PretrainingSettings, TrainingSettings
 
@@ -87,12 +91,6 @@ def pretrain(settings: PretrainingSettings) -> Path:
     skipped for a non-finite gradient in this invocation;
     held-out losses every `eval_every` steps) and `train_state.json`.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
-    from crystallm.configuration import CrystaLLMConfig
-    from crystallm.modeling import CrystaLLMForCausalLM
-    from crystallm.tokenization import CrystaLLMTokenizer
-
     out = Path(settings.output_dir)
     seed = settings.seed
     torch.manual_seed(seed)
@@ -251,8 +249,6 @@ def _collator(settings: PretrainingSettings, accelerator, tokenizer, model_confi
 def save_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -> None:
     """What resuming needs, with no pickle (a checkpoint may be committed and travel): the weights and the optimizer's
     moments as safetensors, its parameter groups and the schedule's position as JSON, torch's random state."""
-    from safetensors.torch import save_file, save_model
-
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -268,8 +264,6 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, directory: Path) -> None:
     """Restore what `save_checkpoint` wrote."""
-    from safetensors.torch import load_file, load_model
-
     load_model(accelerator.unwrap_model(model), str(directory / "model.safetensors"))
     state: dict = {"state": {}, "param_groups": json.loads((directory / "optimizer.json").read_text())}
     for key, value in load_file(str(directory / "optimizer.safetensors")).items():

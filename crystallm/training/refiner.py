@@ -1,4 +1,4 @@
-"""Training the refinement head (`crystallm.modeling.CrystalRefiner`) by denoising score matching on the corpus,
+"""Training the refinement head (`crystallm.refinement.CrystalRefiner`) by denoising score matching on the corpus,
 the GPT frozen, by the training convention of `crystallm.training.pretrain` (accelerate)."""
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from crystallm import data, modeling
-from crystallm.generation import refinement
+from crystallm import data
 from crystallm.generation.sampling import load_generator
 from crystallm.io import text_format
+from crystallm.refinement import inference as refinement
+from crystallm.refinement.network import CrystalRefiner, GeometryBatch
 from crystallm.training.collator import epoch_batches, held_out_split
 from crystallm.training.pretrain import make_accelerator, token_weighted
 from crystallm.training.settings import RefinerSettings
 
 
-def _training_batch(texts: list[str], rows: list[int], head: modeling.CrystalRefiner, model, tokenizer,
+def _training_batch(texts: list[str], rows: list[int], head: CrystalRefiner, model, tokenizer,
                     sigma_range, max_atoms: int, seed: int,
-                    step: int) -> tuple[modeling.GeometryBatch, torch.Tensor, ...]:
+                    step: int) -> tuple[GeometryBatch, torch.Tensor, ...]:
     """Noised corpus crystals (each at its own level, log-uniform in `sigma_range`, written as text) and the true
     way back: the head's input, the levels, the displacements and the strains. Each row's noise is drawn from
     the seed, the step and the row alone, so processes sharing a step draw what one process would."""
@@ -60,16 +62,14 @@ def train_refiner(settings: RefinerSettings) -> Path:
     head (`settings.refiner`: sizes, noise scale, starting noise and steps of inference) is saved in the model's
     config.
     The held-out rows are those of `pretrain` with the same seed. Logs the loss, and every `eval_every` steps the
-    held-out denoising errors (`crystallm.generation.refinement.denoising_errors`) at `eval_sigmas`.
+    held-out denoising errors (`crystallm.refinement.denoising_errors`) at `eval_sigmas`.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
     out = Path(settings.output_dir)
     seed = settings.seed
     torch.manual_seed(seed)
     accelerator = make_accelerator(settings)
     model, tokenizer = load_generator(settings.model, device=str(accelerator.device))
-    head = modeling.CrystalRefiner(model.config.n_embd, **settings.refiner)
+    head = CrystalRefiner(model.config.n_embd, **settings.refiner)
     model.config.refiner = head.settings  # the head is rebuilt from these alone when the model is loaded
     model.refiner = head.to(accelerator.device)
     for name, parameter in model.named_parameters():

@@ -20,6 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from crystallm import data
+from crystallm.configuration import CrystaLLMConfig
+from crystallm.modeling import CrystaLLMForCausalLM
+from crystallm.training.collator import held_out_split
+
 
 @dataclass
 class SweepRun:
@@ -38,9 +43,6 @@ class SweepRun:
     @classmethod
     def from_run_dir(cls, name: str, run_dir: Path, rows_per_epoch: int, batch_size: int) -> SweepRun:
         """Read a finished run's `log.jsonl`, `train_state.json` and `config.json`."""
-        from crystallm.configuration import CrystaLLMConfig
-        from crystallm.modeling import CrystaLLMForCausalLM
-
         rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         evaluated = [row for row in rows if "eval_loss" in row]
         state = json.loads((run_dir / "train_state.json").read_text())
@@ -76,9 +78,6 @@ def run_sweep(config: dict) -> list[SweepRun]:
     of `runs`, written to `output_dir/<name>.yaml` and trained to `output_dir/<name>/`; probe runs go to
     `output_dir/probe-<name>/`. Returns each run's record; `output_dir/sweep.json` holds them too.
     """
-    from crystallm import data
-    from crystallm.training.collator import held_out_split
-
     root = Path(config["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
     defaults = config["defaults"]

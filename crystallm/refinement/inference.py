@@ -1,5 +1,5 @@
-"""Running the refinement head (`crystallm.modeling.CrystalRefiner`): a denoiser of crystal geometry that moves
-what the language model wrote toward equilibrium (docs/architecture.md).
+"""Running the refinement head (`crystallm.refinement.network.CrystalRefiner`): a denoiser of crystal geometry
+that moves what the language model wrote toward equilibrium (docs/architecture.md).
 
 A crystal is its CrystalText: free lattice parameters and free Wyckoff parameters. Its atoms are an affine function
 of the Wyckoff parameters (each orbit member is `R_n (A p + t) + t_n`), so every move of the head is made in those
@@ -25,11 +25,10 @@ import torch
 from pymatgen.core import Element, Lattice
 from pymatgen.optimization.neighbors import find_points_in_spheres
 
-from crystallm import symmetry
+from crystallm import symmetry, validity
 from crystallm.errors import CrystaLLMInputError
-from crystallm.generation.distances import VALIDITY_DISTANCE
 from crystallm.io import text_format
-from crystallm.modeling import GeometryBatch
+from crystallm.refinement.network import GeometryBatch
 
 _PERIODIC = np.array([1, 1, 1], dtype=np.int64)
 
@@ -253,7 +252,7 @@ def refine_crystals(model, tokenizer, crystals: list[text_format.CrystalText], s
                 text_format.crystal_text_to_structure(moved)
             except CrystaLLMInputError:
                 continue
-            floor = min(VALIDITY_DISTANCE, shortest[index])
+            floor = min(validity.MIN_DISTANCE, shortest[index])
             if CrystalGeometry.from_crystal(moved).shortest_distance() >= floor:
                 current[index] = moved
     return current
