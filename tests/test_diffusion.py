@@ -126,7 +126,7 @@ def test_refine_needs_a_head(tokenizer):
 def test_train_refiner_saves_the_best_head_and_logs_held_out_denoising(tmp_path, tokenizer):
     import json
 
-    from crystallm.training.refiner import train_refiner
+    from crystallm.refinement.training import train_refiner
     from crystallm.training.settings import RefinerSettings
 
     base = tmp_path / "base"

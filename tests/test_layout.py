@@ -17,7 +17,7 @@ LAYERS = [
     {"evaluation"},
     {"generation"},
     {"properties"},
-    {"training"},
+    {"training", "refinement.training"},
     {"design", "hub", "model_card"},
     {"cli"},
 ]
@@ -80,10 +80,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def _layer(module: str) -> int:
-    top = module.split(".")[1] if "." in module else ""
-    for index, names in enumerate(LAYERS):
-        if top in names:
-            return index
+    """The layer of a module: that of its longest dotted prefix named in LAYERS (a package's module may sit in
+    another layer than the package, as refinement.training does)."""
+    parts = module.split(".")[1:]
+    for length in range(len(parts), 0, -1):
+        name = ".".join(parts[:length])
+        for index, names in enumerate(LAYERS):
+            if name in names:
+                return index
     raise AssertionError(f"{module} is in no layer of LAYERS")
 
 

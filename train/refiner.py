@@ -3,8 +3,8 @@
     python train/refiner.py configs/refiner-default.yaml
 """
 
+from crystallm.refinement.training import train_refiner
 from crystallm.stage_config import read_stage_config
-from crystallm.training.refiner import train_refiner
 from crystallm.training.settings import RefinerSettings
 
 if __name__ == "__main__":

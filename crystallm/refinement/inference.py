@@ -10,7 +10,7 @@ parameters and symmetry holds by construction:
 - the strained cell is read back as lattice parameters, averaged where the crystal system ties them;
 - along axes where the origin may slide (polar groups), the common drift is removed.
 
-Training (`crystallm.training.refiner`) noises real corpus structures in the same parameters (`perturbed`); the
+Training (`crystallm.refinement.training`) noises real corpus structures in the same parameters (`perturbed`); the
 head learns the way back. Inference starts from the written structure at a small noise level and takes a few
 deterministic steps down a geometric schedule (SDEdit-style, no noise added).
 """

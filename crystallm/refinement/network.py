@@ -1,7 +1,7 @@
 """The refinement head's network (docs/model-pretraining-decoding.md, "The refinement head"): `CrystalRefiner`,
 a score model of crystal geometry over periodic neighbour pairs, conditioned on the GPT's hidden states. The model
 holds it as `model.refiner` (`crystallm.modeling`); `crystallm.refinement.inference` runs it on crystals and
-`crystallm.training.refiner` trains it."""
+`crystallm.refinement.training` trains it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pretraining: a nanoGPT-style loop on accelerate over the objectives the model's config enables.
 
-Every training loop of crystallm (this one, `crystallm.training.refiner`, `crystallm.training.adapter`) follows
+Every training loop of crystallm (this one, `crystallm.refinement.training`, `crystallm.training.adapter`) follows
 one convention: an `Accelerator` (`make_accelerator`; bf16 autocast by default), `accelerator.prepare` for the
 trained module and its optimizer, the loss from the model's `forward`, `accelerator.backward`, logs written by the
 main process.

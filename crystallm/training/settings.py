@@ -123,7 +123,7 @@ class AdapterSettings(TrainingSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class RefinerSettings(TrainingSettings):
-    """`train/refiner.py` (`crystallm.training.refiner`)."""
+    """`train/refiner.py` (`crystallm.refinement.training`)."""
 
     corpus: str  # a texts file: near-equilibrium crystals to denoise
     refiner: dict  # CrystalRefiner's keyword arguments, saved in the model's config
