@@ -5,7 +5,8 @@ materials scientist can trust"): Matbench Discovery's protocol on this machine, 
 
 - Labels: a seeded sample of `sample` WBM rows (../shared/data/wbm: DFT formation energies) placed on MP's hull
   (`eval/mp_hull.py` writes it) give DFT E_hull values.
-- Each potential relaxes each structure (`relaxation` settings; caches `relax-<potential>.jsonl`, resumable), and
+- Each potential relaxes the first `count` structures (`potentials`: name -> count; `relaxation` settings; caches
+  `relax-<potential>.jsonl`, resumable), and
   its energy is placed on each hull: MP's, and the shipped approximate hull rebuilt without the sampled rows (it
   holds the WBM rows themselves: each would find its own DFT energy on it). A third row of each hull places the
   DFT formation energies themselves: the hull's own share of the error.
@@ -71,9 +72,9 @@ def main() -> None:
         table += _rows(f"DFT energies, {hull_name}", e_hull, known, None, cuts)
     structures = [(row["name"], cif.structure_from_cif(row["cif"], row["name"])) for row in sample]
     failures = {}
-    for potential in config["potentials"]:
+    for potential, count in config["potentials"].items():  # each relaxes the first `count` of the sample
         settings = RelaxationSettings(**config.get("relaxation", {}), potential=potential)
-        records = stability_records(structures, out / f"relax-{potential}.jsonl", settings,
+        records = stability_records(structures[:count], out / f"relax-{potential}.jsonl", settings,
                                     num_proc=config.get("num_proc"))
         relaxed = [i for i, record in enumerate(records) if not record["error"]]
         failures[potential] = len(records) - len(relaxed)
