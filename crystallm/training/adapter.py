@@ -107,7 +107,6 @@ def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Co
     when given."""
     from peft import LoraConfig, get_peft_model
 
-
     out, seed = Path(settings.output_dir), settings.seed
     torch.manual_seed(seed)
     accelerator = make_accelerator(settings)
