@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -188,3 +189,14 @@ def test_mp_hull_from_its_summary_applies_the_mp2020_corrections_the_file_lacks(
     hull_energy = {f: round(mp.e_above_hull(Composition(f), 0.0)[1] - mp.e_above_hull(Composition(f), 0.0)[0], 3)
                    for f in ("NaCl", "TiO2", "NiO")}
     assert hull_energy == {"NaCl": -2.110, "TiO2": -3.502, "NiO": -1.219}  # MP's formation energies
+
+
+def test_mp2020_follows_the_potential_unless_set_and_a_cached_relaxation_serves_both():
+    assert RelaxationSettings().mp2020 is False and RelaxationSettings(potential="sevennet").mp2020 is True
+    assert RelaxationSettings(potential="sevennet", mp2020=False).mp2020 is False
+    from crystallm.evaluation.hull import HULL_FILE
+    from crystallm.evaluation.relaxation import _relaxation_key
+
+    with_corrections = dataclasses.asdict(RelaxationSettings(potential="sevennet"))
+    without = dataclasses.asdict(RelaxationSettings(potential="sevennet", mp2020=False, hull=str(HULL_FILE)))
+    assert _relaxation_key(with_corrections) == _relaxation_key(without)

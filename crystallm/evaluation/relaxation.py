@@ -48,6 +48,10 @@ CHGNET_LAST_ELEMENT = Element("Pu")  # its atom embedding covers Z 1-94
 # The potentials whose weights ship inside their wheels (nothing is downloaded): name -> SevenNet model name, or
 # None for CHGNet. SevenNet is an optional extra (`pip install crystallm[sevennet]`).
 POTENTIALS = {"chgnet": None, "sevennet": "7net-l3i5", "sevennet-0": "7net-0"}
+# Whether a potential's energies need MP2020's corrections to sit on MP's scale, measured (docs/stability.md):
+# CHGNet learnt corrected energies (E_hull MAE against MP 0.028 as is, 0.199 corrected again); SevenNet learnt
+# MPtrj's uncorrected ones (E_hull MAE against DFT on 200 WBM materials 0.120 as is, 0.074 corrected).
+MP2020_BY_DEFAULT = {"chgnet": False, "sevennet": True, "sevennet-0": True}
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,15 @@ class RelaxationSettings:
     fmax: float = 0.1  # eV/Å
     max_seconds: float = 60.0
     max_volume_ratio: float = 3.0
-    mp2020: bool = False  # MP2020 corrections on top of the potential's energy (see place_on_hull: off, measured)
+    mp2020: bool | None = None  # MP2020 corrections on the potential's energy; None: MP2020_BY_DEFAULT's choice
     potential: str = "chgnet"
     hull: str | None = None
 
     def __post_init__(self):
         if self.potential not in POTENTIALS:
             raise CrystaLLMInputError(f"potential {self.potential!r}: choose one of {', '.join(POTENTIALS)}")
+        if self.mp2020 is None:
+            object.__setattr__(self, "mp2020", MP2020_BY_DEFAULT[self.potential])
         if self.hull:
             ReferenceHull.from_file(self.hull)  # a bad hull file fails here, before any work (read once, cached)
 
@@ -200,16 +206,16 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
     progress bar. Each relaxation is appended to the JSON-lines `cache`
     as soon as it is known with its `settings` (the potential included), and names already there under the same
     settings are not relaxed again (a killed run resumes; records from before settings or the potential were
-    recorded count as CHGNet's under the same settings); the hull placement is recomputed from the cached
-    relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster, see
-    `pools.worker_pool`) each hold a potential.
+    recorded count as CHGNet's under the same settings); the hull placement and MP2020 are applied afresh to the
+    cached relaxation every time. Worker processes (default: one per core; with `ray`, workers of a Ray cluster,
+    see `pools.worker_pool`) each hold a potential.
     """
     structures = list(structures)
     cache = Path(cache)
-    wanted = {key: value for key, value in dataclasses.asdict(settings).items() if key != "hull"}
+    wanted = _relaxation_key(dataclasses.asdict(settings))
     reference = ReferenceHull.from_file(settings.hull) if settings.hull else ReferenceHull.from_file()
     done = {record["name"]: record for record in reports.read_json_lines(cache)
-            if {"potential": "chgnet", **record.get("settings", wanted)} == wanted}
+            if _relaxation_key(record.get("settings", wanted)) == wanted}
     todo = [(name, structure.as_dict(), settings) for name, structure in structures if name not in done]
     num_proc = num_proc or (None if ray else os.cpu_count() or 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +231,13 @@ def stability_records(structures: Iterable[tuple[str, Structure]], cache: str | 
                 done[record["name"]] = json.loads(line)  # as a resumed run will read it
                 bar.update(1)
     return [place_on_hull(done[name], reference, settings.mp2020) for name, _ in structures]
+
+
+def _relaxation_key(settings: dict) -> dict:
+    """The settings a cached relaxation must share to be reused: not where it is placed (the hull, MP2020's
+    corrections: both applied afresh to the cached energy); a record from before the potential was recorded is
+    CHGNet's."""
+    return {"potential": "chgnet"} | {key: value for key, value in settings.items() if key not in ("hull", "mp2020")}
 
 
 def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
@@ -246,7 +259,7 @@ def _statistic(function, records: list[dict], key: str) -> float | None:
 def approximations(settings: RelaxationSettings) -> dict[str, str]:
     """What a stability figure under `settings` rests on, in words: the energy, the hull, the relaxation, the cut.
 
-    >>> approximations(RelaxationSettings(potential="sevennet", mp2020=True))["energy"]
+    >>> approximations(RelaxationSettings(potential="sevennet"))["energy"]
     'sevennet (7net-l3i5, its wheel) energies with MP2020 corrections applied'
     """
     if settings.potential == "chgnet" and not settings.mp2020:
