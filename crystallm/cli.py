@@ -389,11 +389,10 @@ def cmd_design(args: argparse.Namespace) -> int:
 
 def cmd_substitute(args: argparse.Namespace) -> int:
     """A known crystal -> its element substitutions ranked by the masked-atom pass, as CIFs and candidates.csv."""
-    from crystallm.generation.sampling import load_generator
-    from crystallm.generation.substitution import write_substitutions
+    from crystallm.generation.substitution import load_substitution_model, write_substitutions
 
     text = _text_or_cif(args.structure)
-    model, tokenizer = load_generator(args.model, args.device)
+    model, tokenizer = load_substitution_model(args.model, args.device)
     rows = write_substitutions(model, tokenizer, text, args.out, args.element, args.sites, args.top,
                                args.charge_neutral, _relaxation(args) if args.relax else None,
                                progress=not args.quiet)
@@ -512,7 +511,6 @@ def build_parser() -> argparse.ArgumentParser:
     sym.set_defaults(run=cmd_symmetry)
 
     evaluate = commands.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, coverage, CSP")
-    _add_threads(evaluate)
     _add_input_policy(evaluate)
     evaluate.add_argument("input", help="cifs.zip, a folder of CIFs, an extxyz, a CSV with a cif or text column, "
                                         "a `crystallm generate` output folder, or a split such as mp20-bt/test")
@@ -549,7 +547,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     embed = commands.add_parser("embed", help="embedding vectors of structures; their nearest known materials")
-    _add_threads(embed)
     embed.add_argument("input", help="any collection `evaluate` reads (CIFs, a generate folder, a CSV, a split)")
     embed.add_argument("--out", required=True, help="the .safetensors file to write (names in its metadata)")
     embed.add_argument("--model", help="model folder or Hub id (default: the shipped model, or --nearest's model)")
@@ -559,7 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(run=cmd_embed)
 
     generate = commands.add_parser("generate", help="generate crystal structures (default: the shipped model)")
-    _add_threads(generate)
     generate.add_argument("--model", help="a model folder (save_pretrained) or Hub id; default: the shipped model")
     generate.add_argument("--num", type=POSITIVE, default=100, help="how many structures (default 100)")
     generate.add_argument("--formula", help="crystal structure prediction for this formula, e.g. LiFePO4")
@@ -615,7 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=cmd_merge)
 
     design = commands.add_parser("design", help="property targets -> screened, ranked shortlist of new crystals")
-    _add_threads(design)
     design.add_argument("--target", action="append", default=[], help="PROPERTY=VALUE[:TOLERANCE], e.g. "
                         "band_gap=2.0 (repeat for several properties; default tolerances 0.5 eV, 0.25 eV/atom)")
     design.add_argument("--elements", help="only compounds of exactly these elements, e.g. Li,Fe,P,O")
@@ -635,7 +630,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     substitute = commands.add_parser("substitute", help="rank element substitutions of a known crystal "
                                      "(masked-atom pass), optionally relaxed (CHGNet or SevenNet)")
-    _add_threads(substitute)
     substitute.add_argument("structure", type=Path, help="a CIF or a crystallm text file")
     which = substitute.add_mutually_exclusive_group(required=True)
     which.add_argument("--element", help="replace this element on every orbit it occupies")
@@ -658,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--adapters", nargs="*", help="the adapters to push (default: all in the folder)")
     push.set_defaults(run=cmd_push)
+    for command in (evaluate, embed, generate, design, substitute):  # last in their help: rarely set
+        _add_threads(command)
     return parser
 
 

@@ -18,8 +18,7 @@ from crystallm.evaluation.element_recovery import (
     recovery_tasks,
     summarize_recovery,
 )
-from crystallm.generation.sampling import load_generator
-from crystallm.generation.substitution import substitution_log_probabilities
+from crystallm.generation.substitution import load_substitution_model, substitution_log_probabilities
 from crystallm.stage_config import read_stage_config
 
 
@@ -31,8 +30,9 @@ def main() -> None:
     frequency = frequency_scores(data.load_texts(config["corpus"])["text"])
     ranks = {"element frequency": [rank_of(t.hidden, frequency, t.others) for t in tasks],
              "data-mined (pymatgen)": [rank_of(t.hidden, data_mined_scores(t), t.others) for t in tasks]}
-    for name, model_path in config["models"].items():
-        model, tokenizer = load_generator(model_path)
+    for name, spec in config["models"].items():  # a model folder (None: the default), or {model:, adapter: false}
+        spec = spec if isinstance(spec, dict) else {"model": spec}
+        model, tokenizer = load_substitution_model(spec.get("model"), adapter=spec.get("adapter", True))
         ranks[name] = [rank_of(t.hidden, substitution_log_probabilities(model, tokenizer, t.text, t.hidden),
                                t.others) for t in tasks]
     summary = {"tasks": len(tasks), "seed": config["seed"],

@@ -1,8 +1,8 @@
-"""Stage: substitution as a discovery tool (issue 20). For `count` seeded (crystal, element) pairs of mp20-bt test,
-the model's best charge-neutral substitution (`rank_substitutions`, top 1) is written as a CIF, then the collection
-goes through the stability protocol (CHGNet relaxation, E_hull on the approximate hull) with novelty against the
-pretraining corpus: its stable, novel and S.U.N. shares, to set beside de novo samples scored the same way
-(configs/experiments/eval-stability-floor-200.yaml).
+"""Stage: substitution as a discovery tool (issue 20). For `count` seeded (crystal, element) pairs of mp20-bt test, the
+model's best charge-neutral substitution (`rank_substitutions`, top 1, by its masked-atom adapter where it has one)
+is written as a CIF, then the collection goes through the stability protocol (CHGNet relaxation, E_hull on the
+approximate hull) with novelty against the pretraining corpus: its stable, novel and S.U.N. shares, to set beside de
+novo samples scored the same way (configs/experiments/eval-stability-floor-200.yaml).
 
     python eval/substitution_discovery.py configs/experiments/eval-substitution-discovery.yaml
 
@@ -10,15 +10,13 @@ Writes `<output_dir>/candidates/` (one CIF per pair), `candidates.csv`, `stabili
 `summary.json` and `summary.md`.
 """
 
-import csv
 from pathlib import Path
 
 from crystallm import data
 from crystallm.evaluation import EvaluationOptions, StabilityTask, batch, metrics, reports
 from crystallm.evaluation.element_recovery import recovery_tasks
 from crystallm.evaluation.relaxation import RelaxationSettings
-from crystallm.generation.sampling import load_generator
-from crystallm.generation.substitution import rank_substitutions
+from crystallm.generation.substitution import load_substitution_model, rank_substitutions
 from crystallm.io import cif
 from crystallm.stage_config import read_stage_config
 
@@ -30,7 +28,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     test = data.load_texts(config["test_texts"]).filter(lambda row: row["source"] == "mp_20_biternary/test")
     tasks = recovery_tasks(test["id"], test["text"], int(config["count"]), int(config["seed"]))
-    model, tokenizer = load_generator(config.get("model"))
+    model, tokenizer = load_substitution_model(config.get("model"))  # with its masked-atom adapter where it has one
     rows = []
     for number, task in enumerate(tasks):
         best = rank_substitutions(model, tokenizer, task.text, element=task.hidden, top=1, charge_neutral=True)
@@ -40,10 +38,7 @@ def main() -> None:
         (folder / name).write_text(cif.structure_to_cif(best[0].structure))
         rows.append({"cif": name, "source": task.name, "replaced": task.hidden, "element": best[0].element,
                      "formula": best[0].formula, "log_probability": round(best[0].log_probability, 4)})
-    with open(out / "candidates.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    reports.write_csv(rows, out / "candidates.csv")
     stability = StabilityTask(RelaxationSettings(**config.get("relaxation", {})), out / "stability.jsonl")
     summary = batch.evaluate(folder, reference=config["reference"], stability=stability,
                              options=EvaluationOptions(num_proc=config.get("num_proc")))

@@ -14,12 +14,35 @@ from pathlib import Path
 import torch
 from pymatgen.core import Composition, Structure
 
+from crystallm.adapters import available_adapters, use_adapter
 from crystallm.errors import CrystaLLMInputError
 from crystallm.evaluation import reports
 from crystallm.evaluation.relaxation import RelaxationSettings, stability_records
+from crystallm.generation.sampling import load_generator
 from crystallm.io import cif, text_format
+from crystallm.model_folder import loaded_from
 from crystallm.tokenization import element_positions, formula_element_token_ids, row_element_token_ids
 from crystallm.validity import compositional_validity
+
+# The adapter that ranks substitutions (`training.adapter.train_masked_atom_adapter`): a base trained by the causal
+# LM alone has never seen `<mask>`.
+MASKED_ATOM_ADAPTER = "masked_atom"
+
+
+def load_substitution_model(model: str | Path | None = None, device: str | None = None, adapter: bool = True):
+    """The model and tokenizer that rank substitutions: `model` (a folder, a Hub id or None for the shipped
+    default) with its masked-atom adapter active where it has one and `adapter` is true
+    (docs/substitution-and-embedding.md).
+
+    >>> model, tokenizer = load_substitution_model()
+    >>> from crystallm.adapters import active_adapter
+    >>> active_adapter(model)
+    'masked_atom'
+    """
+    model, tokenizer = load_generator(model, device)
+    if adapter and MASKED_ATOM_ADAPTER in available_adapters(loaded_from(model)):
+        model = use_adapter(model, MASKED_ATOM_ADAPTER)
+    return model, tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Training a conditioning adapter (PEFT LoRA) on the frozen base model, by the training convention of
-`crystallm.training.pretrain` (accelerate): one per property (`train_adapter`), and the powder-pattern adapter
-with its pattern encoder (`train_pattern_adapter`). Both run one loop (`_train`); they differ in the prefix
-each row gets and what its forward pass runs under."""
+"""Training an adapter (PEFT LoRA) on the frozen base model, by the training convention of
+`crystallm.training.pretrain` (accelerate): one per property (`train_adapter`), the powder-pattern adapter with
+its pattern encoder (`train_pattern_adapter`) and the masked-atom adapter that ranks element substitutions
+(`train_masked_atom_adapter`). All run one loop (`_train`); they differ in the batch each step's rows make and
+what its forward pass runs under."""
 
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ from crystallm.diffraction.patterns import Peaks, degraded_profile
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.conditioning import condition_prefix
 from crystallm.generation.sampling import load_generator
-from crystallm.tokenization import NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
-from crystallm.training.collator import epoch_batches
+from crystallm.generation.substitution import MASKED_ATOM_ADAPTER
+from crystallm.tokenization import MASK, NO_PROPERTY_TOKEN, PROPERTY_TOKENS, VALUE_TOKENS
+from crystallm.training.collator import PretrainingCollator, epoch_batches
 from crystallm.training.pretrain import make_accelerator, token_weighted
 from crystallm.training.settings import AdapterSettings
 
-# rows of a batch and the step -> each row's prefix, and the context its forward pass runs in
-Condition = Callable[[object, object, list[int], int], tuple[list[str], contextlib.AbstractContextManager]]
+# (model, tokenizer, rows of a batch, step) -> the forward's keyword arguments, the number of tokens its loss
+# averages over, and the context the forward pass runs in
+Batch = Callable[[object, object, list[int], int], tuple[dict, torch.Tensor, contextlib.AbstractContextManager]]
 
 
 def train_adapter(settings: AdapterSettings) -> Path:
@@ -53,15 +56,16 @@ def train_adapter(settings: AdapterSettings) -> Path:
         raise CrystaLLMInputError("a property adapter needs `property` (e.g. band_gap) in its settings")
     texts, values = labelled_texts(settings.corpus, name)
 
-    def condition(model, tokenizer, rows: list[int], step: int):
+    def batch(model, tokenizer, rows: list[int], step: int):
         # Each row's draw depends on the step and the row only: processes sharing a step drop what one would.
         dropped = [np.random.default_rng([seed, step, int(i)]).random() < settings.drop_probability for i in rows]
-        return ([condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)],
-                contextlib.nullcontext())
+        prefixes = [condition_prefix(name, None if drop else float(values[i])) for i, drop in zip(rows, dropped)]
+        return *_prefixed_batch(tokenizer, prefixes, [texts[i] for i in rows], 2), contextlib.nullcontext()
 
     # The condition tokens' embeddings, never seen in pretraining, are trained too (with LoRA alone a first
     # adapter ignored the value token: the same samples for band gap 0 and 3 eV).
-    return _train(settings, name, texts, condition, 2, [NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])
+    return _train(settings, name, [len(text) for text in texts], batch,
+                  [NO_PROPERTY_TOKEN, *PROPERTY_TOKENS, *VALUE_TOKENS])
 
 
 def train_pattern_adapter(settings: AdapterSettings) -> Path:
@@ -78,39 +82,74 @@ def train_pattern_adapter(settings: AdapterSettings) -> Path:
     corpus = data.add_diffraction_peaks(corpus, settings.num_proc)
     peaks = [Peaks.from_row(row) for row in corpus]
     prefix = pattern_prefix()
-    cells = np.stack([lattice_values(text) for text in corpus["text"]])
+    texts = corpus["text"]
+    cells = np.stack([lattice_values(text) for text in texts])
     cells = torch.tensor((cells - cells.mean(0)) / cells.std(0).clip(1e-6), dtype=torch.float32)
 
-    def condition(model, tokenizer, rows: list[int], step: int):
+    def batch(model, tokenizer, rows: list[int], step: int):
         profiles = []
         for i in rows:  # drawn from the step and the row, as the property adapters' drops
             rng = np.random.default_rng([seed, step, int(i)])
             strength = 0.0 if rng.random() < settings.clean_share else rng.uniform(0.25, 1.0)
             profiles.append(degraded_profile(peaks[i], rng, strength))
-        return [prefix] * len(rows), pattern_conditioning(model, tokenizer, np.stack(profiles))
+        inputs, targets = _prefixed_batch(tokenizer, [prefix] * len(rows), [texts[i] for i in rows],
+                                          1 + PREFIX_LENGTH)
+        return inputs, targets, pattern_conditioning(model, tokenizer, np.stack(profiles))
 
     def lattice_loss(conditioned: dict, rows: list[int]) -> torch.Tensor:  # what pattern_conditioning recorded
         predicted = conditioned["lattice"].float()
         target = cells[rows].to(predicted.device)
         return settings.lattice_weight * nn.functional.mse_loss(predicted, target)
 
-    return _train(settings, PATTERN_ADAPTER, corpus["text"], condition, 1 + PREFIX_LENGTH, [PATTERN_TOKEN],
+    return _train(settings, PATTERN_ADAPTER, [len(text) for text in texts], batch, [PATTERN_TOKEN],
                   pattern_encoder=True, auxiliary=lattice_loss)
 
 
-def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Condition, prefix_tokens: int,
+def train_masked_atom_adapter(settings: AdapterSettings) -> Path:
+    """Train the masked-atom adapter (configs/adapter-masked_atom.yaml) on a frozen base model: LoRA and the
+    `<mask>` embedding, on the masked-atom objective alone (one element of each crystal hidden wherever its text
+    writes it, `PretrainingCollator`), so the base's generation is untouched. `crystallm substitute` ranks with it
+    (`generation.substitution.load_substitution_model`). Saves the adapter to `output_dir/masked_atom/`.
+    """
+    texts = data.load_texts(settings.corpus, settings.max_rows)["text"]
+
+    def batch(model, tokenizer, rows: list[int], step: int):
+        collator = PretrainingCollator(tokenizer, contrastive=False, seed=settings.seed + step)
+        inputs = collator([texts[i] for i in rows])
+        del inputs["labels"]  # no causal-LM loss: the masked-atom loss alone
+        return inputs, (inputs["masked_labels"] != -100).sum(), contextlib.nullcontext()
+
+    return _train(settings, MASKED_ATOM_ADAPTER, [len(text) for text in texts], batch,
+                  [MASK], objective_weights={"clm_weight": 0.0, "masked_atom_weight": 1.0})
+
+
+def _prefixed_batch(tokenizer, prefixes: list[str], texts: list[str], prefix_tokens: int) -> tuple[dict, torch.Tensor]:
+    """Causal-LM inputs of each prefix + text, the loss skipping `<bos>` and the `prefix_tokens` (given, not
+    predicted), and the number of tokens it averages over."""
+    encoded = tokenizer([p + text + tokenizer.eos_token for p, text in zip(prefixes, texts)], padding=True,
+                        return_tensors="pt", padding_side="right")
+    labels = encoded["input_ids"].clone()
+    labels[:, :1 + prefix_tokens] = -100
+    targets = ((labels[:, 1:] != -100) & (encoded["attention_mask"][:, 1:] == 1)).sum()
+    return {**encoded, "labels": labels}, targets
+
+
+def _train(settings: AdapterSettings, name: str, lengths: list[int], batch: Batch,
            trainable_tokens: list[str], pattern_encoder: bool = False,
-           auxiliary: Callable[[object, list[int]], torch.Tensor] | None = None) -> Path:
-    """The adapter loop: LoRA on GPT-2's Conv1D layers, the embeddings of `trainable_tokens`, and with
-    `pattern_encoder` a pattern encoder saved with the adapter; causal LM on each row's prefix + text,
-    the loss skipping `<bos>` and the `prefix_tokens`, plus `auxiliary(what the condition's context gave, rows)`
-    when given."""
+           auxiliary: Callable[[object, list[int]], torch.Tensor] | None = None,
+           objective_weights: dict[str, float] | None = None) -> Path:
+    """The adapter loop over the corpus rows (batched by their texts' `lengths`): LoRA on GPT-2's Conv1D layers,
+    the embeddings of `trainable_tokens`, and with `pattern_encoder` a pattern encoder saved with the adapter; the
+    loss of the forward pass on each step's `batch`, plus `auxiliary(what the batch's context gave, rows)` when
+    given. `objective_weights` set the base config's loss weights while training (not saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
 
     out, seed = Path(settings.output_dir), settings.seed
     torch.manual_seed(seed)
     accelerator = make_accelerator(settings)
     model, tokenizer = load_generator(settings.model, device=str(accelerator.device))
+    for key, weight in (objective_weights or {}).items():
+        setattr(model.config, key, weight)
     encoder = None
     if pattern_encoder:
         encoder = PatternEncoderConfig.for_model(model)
@@ -122,7 +161,6 @@ def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Co
     model = get_peft_model(model, lora, adapter_name=name)
     # Record the base by how the config names it, not by this machine's absolute path.
     model.peft_config[name].base_model_name_or_path = settings.model or "crystallm/resources/default-model"
-    lengths = np.array([len(text) for text in texts])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=settings.learning_rate, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -135,19 +173,15 @@ def _train(settings: AdapterSettings, name: str, texts: list[str], condition: Co
     for step in tqdm(range(1, settings.max_steps + 1), desc=f"adapter {name}", unit=" steps",
                      disable=not accelerator.is_main_process):
         if not batches:
-            batches = epoch_batches(lengths, batch_size, step, seed, accelerator.process_index,
+            batches = epoch_batches(np.array(lengths), batch_size, step, seed, accelerator.process_index,
                                     accelerator.num_processes)
-        rows = batches.pop()
-        prefixes, context = condition(accelerator.unwrap_model(model), tokenizer, rows, step)
-        encoded = tokenizer([p + texts[i] + tokenizer.eos_token for p, i in zip(prefixes, rows)],
-                            padding=True, return_tensors="pt", padding_side="right").to(accelerator.device)
-        labels = encoded["input_ids"].clone()
-        labels[:, :1 + prefix_tokens] = -100  # <bos> and the condition are given, not predicted
+        picked = batches.pop()
+        inputs, targets, context = batch(accelerator.unwrap_model(model), tokenizer, picked, step)
+        inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
         with accelerator.autocast(), context as conditioned:
-            loss = model(**encoded, labels=labels).loss
-        targets = ((labels[:, 1:] != -100) & (encoded["attention_mask"][:, 1:] == 1)).sum()
-        loss = token_weighted(accelerator, {"loss": loss}, targets)["loss"]
-        extra = auxiliary(conditioned, rows) if auxiliary else torch.zeros((), device=loss.device)
+            loss = model(**inputs).loss
+        loss = token_weighted(accelerator, {"loss": loss}, targets.to(accelerator.device))["loss"]
+        extra = auxiliary(conditioned, picked) if auxiliary else torch.zeros((), device=loss.device)
         accelerator.backward((loss + extra) * accelerator.num_processes)
         optimizer.step()
         optimizer.zero_grad()
