@@ -66,7 +66,11 @@ def _check_readable(collections: dict[str, str | Path | None]) -> None:
     before the input is scored."""
     for role, name in collections.items():
         if name and not any(_readable(entry) for entry in iter_entries(name)):
-            raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
+            raise _unusable(name, role)
+
+
+def _unusable(name: str | Path, role: str) -> CrystaLLMInputError:
+    return CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
 
 
 def _readable(entry) -> bool:
@@ -123,7 +127,7 @@ def evaluate(source: str | Path, reference: str | ReferenceSet | None = None, te
             scored[str(name)] = [r for r in score_entries(iter_entries(name), fingerprints=fingerprints,
                                                           num_proc=options.num_proc, ray=options.ray) if not r.error]
         if not scored[str(name)]:  # every entry readable but none scorable (e.g. all disordered)
-            raise CrystaLLMInputError(f"{name}: no readable structure to use as the {role}")
+            raise _unusable(name, role)
         return scored[str(name)]
 
     test_records = collection(test, "test set", options.coverage) if test else None
