@@ -5,9 +5,10 @@ for each target formula, then match them to the targets.
 
 `model` is a model folder or absent for the shipped default. Generation goes to `<output_dir>/generated` (a
 `crystallm generate` folder, resumed if the stage is run again); the scores go to `summary.json`, `summary.md`.
-With `rank: chgnet`, every structurally valid attempt is relaxed by CHGNet (`stability.jsonl`, resumable) and
-the summary adds `ranked n=1`: the match rate when each target's lowest-energy attempt is taken (`relaxation:
-{steps: 0}`: the energy of each attempt as generated, one CHGNet call instead of a relaxation). With `pattern:
+With `rank:` a potential (chgnet, sevennet, sevennet-0), every structurally valid attempt is relaxed by it
+(`stability.jsonl`, resumable) and the summary adds `ranked n=1`: the match rate when each target's lowest-energy
+attempt is taken (`relaxation: {steps: 0}`: the energy of each attempt as generated, one call instead of a
+relaxation). With `pattern:
 clean` (or `degraded`) each prompt holds the target's computed powder pattern (or a degraded one) for the
 model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it. With
 `pattern_in_prompt: false` the prompts hold the formula alone (no adapter needed) and the pattern is used after
@@ -25,7 +26,7 @@ from crystallm.adapters import use_adapter
 from crystallm.diffraction.encoder import PATTERN_ADAPTER
 from crystallm.diffraction.patterns import rank_by_agreement
 from crystallm.evaluation import batch, csp, metrics, reports
-from crystallm.evaluation.relaxation import RelaxationSettings, rank_by_energy
+from crystallm.evaluation.relaxation import POTENTIALS, RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
 from crystallm.generation.sampling import load_generator
@@ -70,9 +71,9 @@ def main() -> None:
         write_cif_zip(out / "fitted.zip", dict(attempted))
         scored, suffix = out / "fitted.zip", ".cif"  # entries of a zip are named after their files
     scores = None
-    if config.get("rank") == "chgnet":  # relax every attempt; `ranked n=1` takes each target's lowest energy
+    if config.get("rank") in POTENTIALS:  # relax every attempt; `ranked n=1` takes each target's lowest energy
         ranking = rank_by_energy(attempted, out / "stability.jsonl",
-                                 RelaxationSettings(**config.get("relaxation", {})))
+                                 RelaxationSettings(**config.get("relaxation", {}), potential=config["rank"]))
         scores = {r["name"] + suffix: r["energy_per_atom"] for r in ranking if not r["error"]}
     elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
         by_target = {target: [a for a in attempted if csp.csp_targets(a[0]) == target] for target in given}

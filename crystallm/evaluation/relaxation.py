@@ -243,8 +243,8 @@ def _relaxation_key(settings: dict) -> dict:
 def rank_by_energy(structures: list[tuple[str, Structure]], cache: str | Path,
                    settings: RelaxationSettings = RelaxationSettings(), progress: bool = True) -> list[dict]:
     """Relax each (name, structure) (`stability_records`, resumable through `cache`) and return their results
-    ordered by CHGNet energy per atom after the relaxation (`settings.steps=0`: as given), lowest first, each with
-    its `rank` (1 = best guess); structures whose relaxation failed come last, in input order.
+    ordered by the potential's energy per atom after the relaxation (`settings.steps=0`: as given), lowest first,
+    each with its `rank` (1 = best guess); structures whose relaxation failed come last, in input order.
     """
     results = stability_records(structures, cache, settings, progress=progress)
     ordered = sorted(results, key=lambda r: (bool(r["error"]), r.get("energy_per_atom", math.inf)))
