@@ -108,7 +108,7 @@ class ReferenceHull:
         """
         path = Path(path) if path else data.data_dir() / MP_HULL_SUMMARY
         elemental = _elemental_references()
-        hull = cls([], elemental)
+        references, formation_energies = cls([], elemental), []  # the first for its `formation_energy` alone
         with gzip.open(path, "rt") as handle:
             for row in csv.DictReader(handle):
                 composition = Composition(row["Composition"])
@@ -119,8 +119,8 @@ class ReferenceHull:
                 except ValueError:  # the scheme refuses the composition: MP leaves such entries out too
                     continue
                 energy /= composition.num_atoms
-                hull.formation_energies.append((composition, hull.formation_energy(composition, energy)))
-        return cls(hull.formation_energies, elemental)
+                formation_energies.append((composition, references.formation_energy(composition, energy)))
+        return cls(formation_energies, elemental)
 
     @classmethod
     def from_file(cls, path: str | Path = HULL_FILE) -> "ReferenceHull":
