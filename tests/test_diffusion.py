@@ -6,8 +6,9 @@ from crystallm import data, symmetry
 from crystallm.configuration import CrystaLLMConfig
 from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt
-from crystallm.generation.sampling import generate_structures
+from crystallm.generation.sampling import generate_structures, load_generator
 from crystallm.generation.settings import SamplingSettings
+from crystallm.generation.skeleton import sample_on_skeleton
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.refinement.inference import (
@@ -146,3 +147,23 @@ def test_train_refiner_saves_the_best_head_and_logs_held_out_denoising(tmp_path,
     assert loaded.refiner is not None and loaded.config.refiner["width"] == 16 and loaded.config.refiner["steps"] == 2
     base_weights = load_model(base).state_dict()
     assert all(torch.equal(base_weights[k], v) for k, v in loaded.state_dict().items() if not k.startswith("refiner."))
+
+
+def test_numbers_sampled_on_a_skeleton_keep_everything_else(tiny_model_dir, texts):
+    model, tokenizer = load_generator(tiny_model_dir)
+    chosen = texts[:12]
+    sampled = sample_on_skeleton(model, tokenizer, chosen, seed=3)
+    assert sampled == sample_on_skeleton(model, tokenizer, chosen, seed=3)  # seeded
+    changed = 0
+    for true_text, text in zip(chosen, sampled):
+        true, crystal = text_format.read_crystal_text(true_text), text_format.read_crystal_text(text)
+        skeleton = [(c.formula, c.space_group, c.formula_units, [(s.element, s.wyckoff.label) for s in c.sites])
+                    for c in (true, crystal)]
+        assert skeleton[0] == skeleton[1]
+        # A coordinate its Wyckoff position fixes stays fixed (`.`); every free one is a number the model chose.
+        assert [line.split()[2:].count(".") for line in text.splitlines() if line[:1].isupper()] == \
+            [line.split()[2:].count(".") for line in true_text.splitlines() if line[:1].isupper()]
+        changed += text != true_text
+    assert changed >= 10  # an untrained model does not write the true numbers
+    with pytest.raises(CrystaLLMInputError, match="longer than the model reads"):
+        sample_on_skeleton(model, tokenizer, [texts[0] + "\nNa 1a . . ." * 200])
