@@ -167,3 +167,33 @@ def test_numbers_sampled_on_a_skeleton_keep_everything_else(tiny_model_dir, text
     assert changed >= 10  # an untrained model does not write the true numbers
     with pytest.raises(CrystaLLMInputError, match="longer than the model reads"):
         sample_on_skeleton(model, tokenizer, [texts[0] + "\nNa 1a . . ." * 200])
+
+
+def test_the_head_trains_on_the_models_own_errors_and_held_out_pairs_judge_it(tmp_path, tokenizer):
+    import json
+
+    from crystallm.refinement.training import read_pairs, train_refiner, write_pairs
+    from crystallm.training.settings import RefinerSettings
+
+    base = tmp_path / "base"
+    model = CrystaLLMForCausalLM(CrystaLLMConfig(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2)).eval()
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    corpus = data.load_texts("data/pretraining-corpus.csv.gz", max_rows=40)
+    corpus.to_csv(tmp_path / "corpus.csv", index=False)
+    sampled = sample_on_skeleton(model, tokenizer, corpus["text"], seed=0)
+    kept = [(t, s) for t, s in zip(corpus["text"], sampled) if text_format.read_crystal_text(s).lattice_parameters]
+    write_pairs([t for t, _ in kept], [s for _, s in kept], tmp_path / "pairs.csv.gz")
+    assert read_pairs(tmp_path / "pairs.csv.gz") == dict(kept)
+
+    out = train_refiner(RefinerSettings.from_dict({
+        "model": str(base), "corpus": str(tmp_path / "corpus.csv"), "pairs": str(tmp_path / "pairs.csv.gz"),
+        "output_dir": str(tmp_path / "r"), "eval_rows": 8, "seed": 0, "refiner": {"width": 16, "layers": 1},
+        "batch_size": 8, "learning_rate": 1e-3, "max_steps": 4, "eval_every": 2, "eval_sigmas": [0.1],
+        "sigma_range": [0.01, 0.5]}))
+    rows = [json.loads(line) for line in (out / "refiner_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    evaluated = [r for r in rows if "eval" in r]
+    # The untrained model's numbers are far from the true ones: the held-out pairs' error before the head is large
+    # and judges the checkpoints.
+    assert all(r["eval_pairs"]["rmsd_before"] > 0.1 for r in evaluated) and evaluated[0].get("best")

@@ -302,16 +302,28 @@ def denoising_errors(model, tokenizer, crystals: list[text_format.CrystalText], 
     errors = []
     for sigma in sigmas:
         noisy = [noised_as_written(geometry, sigma, model.refiner.lattice_noise, rng) for geometry in clean]
-        kept = [(n, c) for n, c in zip(noisy, clean) if n is not None]
-        refined = []
-        for start in range(0, len(kept), batch_size):
-            chunk = [n for n, _ in kept[start:start + batch_size]]
-            refined += refine_crystals(model, tokenizer, chunk, sigma_start=sigma)
-        before = np.array([_distance(CrystalGeometry.from_crystal(n), c) for n, c in kept])
-        after = np.array([_distance(CrystalGeometry.from_crystal(r), c) for r, (_, c) in zip(refined, kept)])
-        errors.append(DenoisingError(sigma, float(np.median(before[:, 0])), float(np.median(after[:, 0])),
-                                     float(before[:, 1].mean()), float(after[:, 1].mean())))
+        errors.append(_refinement_error(model, tokenizer, [(n, c) for n, c in zip(noisy, clean) if n is not None],
+                                        sigma, batch_size))
     return errors
+
+
+def pair_errors(model, tokenizer, pairs: list[tuple[text_format.CrystalText, text_format.CrystalText]],
+                batch_size: int = 64) -> DenoisingError:
+    """Held-out (sampled, true) pairs of `generation.skeleton.sample_on_skeleton`: how far the model's own numbers
+    sit from the true ones before and after the head refines them (from its `sigma_start`, as in generation)."""
+    pairs = [(sampled, CrystalGeometry.from_crystal(true)) for sampled, true in pairs]
+    return _refinement_error(model, tokenizer, pairs, model.refiner.sigma_start, batch_size)
+
+
+def _refinement_error(model, tokenizer, kept: list[tuple[text_format.CrystalText, CrystalGeometry]], sigma: float,
+                      batch_size: int) -> DenoisingError:
+    refined = []
+    for start in range(0, len(kept), batch_size):
+        refined += refine_crystals(model, tokenizer, [n for n, _ in kept[start:start + batch_size]], sigma_start=sigma)
+    before = np.array([_distance(CrystalGeometry.from_crystal(n), c) for n, c in kept])
+    after = np.array([_distance(CrystalGeometry.from_crystal(r), c) for r, (_, c) in zip(refined, kept)])
+    return DenoisingError(sigma, float(np.median(before[:, 0])), float(np.median(after[:, 0])),
+                          float(before[:, 1].mean()), float(after[:, 1].mean()))
 
 
 def noised_as_written(geometry: CrystalGeometry, sigma: float, lattice_noise: float,

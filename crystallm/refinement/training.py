@@ -4,6 +4,8 @@ the GPT frozen, by the training convention of `crystallm.training.pretrain` (acc
 from __future__ import annotations
 
 import copy
+import csv
+import gzip
 import json
 import math
 import time
@@ -26,24 +28,32 @@ from crystallm.training.settings import RefinerSettings
 
 
 def _training_batch(texts: list[str], rows: list[int], head: CrystalRefiner, model, tokenizer,
-                    sigma_range, max_atoms: int, seed: int,
+                    settings: RefinerSettings, pairs: dict[str, str],
                     step: int) -> tuple[GeometryBatch, torch.Tensor, ...]:
-    """Noised corpus crystals (each at its own level, log-uniform in `sigma_range`, written as text) and the true
-    way back: the head's input, the levels, the displacements and the strains. Each row's noise is drawn from
-    the seed, the step and the row alone, so processes sharing a step draw what one process would."""
-    low, high = np.log(sigma_range[0]), np.log(sigma_range[1])
+    """Corpus crystals moved off their place and the true way back: the head's input, the levels, the
+    displacements and the strains. A row with a pair (`pairs`: true text -> the model's numbers on its skeleton)
+    is that pair with probability `pair_share`, at the level of its own RMSD; the others are noised (each at its
+    own level, log-uniform in `sigma_range`, written as text). Each row's draws come from the seed, the step and
+    the row alone, so processes sharing a step draw what one process would."""
+    low, high = np.log(settings.sigma_range[0]), np.log(settings.sigma_range[1])
     noisy, sigmas, displacements, strains = [], [], [], []
     for text, row in zip(texts, rows):
         clean = refinement.CrystalGeometry.from_crystal(text_format.read_crystal_text(text))
-        if len(clean.elements) > max_atoms:
+        if len(clean.elements) > settings.max_atoms:
             continue
-        rng = np.random.default_rng([seed, step, row])
-        sigma = float(np.exp(rng.uniform(low, high)))
-        crystal = refinement.noised_as_written(clean, sigma, head.lattice_noise, rng)
+        rng = np.random.default_rng([settings.seed, step, row])
+        if text in pairs and rng.random() < settings.pair_share:  # the model's own error
+            crystal = text_format.read_crystal_text(pairs[text])
+            sigma = None
+        else:
+            sigma = float(np.exp(rng.uniform(low, high)))
+            crystal = refinement.noised_as_written(clean, sigma, head.lattice_noise, rng)
         if crystal is None:
             continue
         geometry = refinement.CrystalGeometry.from_crystal(crystal)
         displacement, strain = geometry.displacement_to(clean)
+        if sigma is None:
+            sigma = max(float(np.sqrt((displacement ** 2).sum(axis=1).mean())), settings.sigma_range[0])
         noisy.append(geometry)
         sigmas.append(sigma)
         displacements.append(displacement)
@@ -54,6 +64,24 @@ def _training_batch(texts: list[str], rows: list[int], head: CrystalRefiner, mod
     return (batch, torch.tensor(sigmas, dtype=torch.float32, device=device),
             torch.tensor(np.concatenate(displacements), dtype=torch.float32, device=device),
             torch.tensor(np.stack(strains), dtype=torch.float32, device=device))
+
+
+PAIR_COLUMNS = ("text", "sampled")
+
+
+def read_pairs(path: str | Path) -> dict[str, str]:
+    """The pairs file of `write_pairs`: true text -> the model's numbers on its skeleton."""
+    with gzip.open(path, "rt", newline="") as handle:
+        return {row["text"]: row["sampled"] for row in csv.DictReader(handle)}
+
+
+def write_pairs(texts: list[str], sampled: list[str], path: str | Path) -> None:
+    """Write (true text, the model's numbers on its skeleton) pairs as gzipped CSV, `PAIR_COLUMNS`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PAIR_COLUMNS)
+        writer.writerows(zip(texts, sampled))
 
 
 def train_refiner(settings: RefinerSettings) -> Path:
@@ -80,7 +108,10 @@ def train_refiner(settings: RefinerSettings) -> Path:
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, max_steps // 10), max_steps)
     prepared, optimizer, schedule = accelerator.prepare(head, optimizer, schedule)
-    sigma_range, eval_sigmas, max_atoms = settings.sigma_range, list(settings.eval_sigmas), settings.max_atoms
+    eval_sigmas = list(settings.eval_sigmas)
+    pairs = read_pairs(settings.pairs) if settings.pairs else {}
+    eval_pairs = [(text_format.read_crystal_text(pairs[text]), crystal)
+                  for text, crystal in zip(eval_texts, eval_crystals) if text in pairs]
     lengths = np.array([len(text) for text in train_texts])
     batches: list[np.ndarray] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +128,7 @@ def train_refiner(settings: RefinerSettings) -> Path:
         rows = [int(i) for i in batches.pop()]
         prepared.train()
         batch, sigma, displacement, strain = _training_batch([train_texts[i] for i in rows], rows, head, model,
-                                                             tokenizer, sigma_range, max_atoms, seed, step)
+                                                             tokenizer, settings, pairs, step)
         with accelerator.autocast():
             output = prepared(batch, sigma, displacement, strain)
         # Each term weighted by this process's share of what it averages over (atoms, crystals), so processes
@@ -115,8 +146,12 @@ def train_refiner(settings: RefinerSettings) -> Path:
             head.eval()
             errors = refinement.denoising_errors(model, tokenizer, eval_crystals, eval_sigmas, seed=seed)
             row["eval"] = [asdict(error) for error in errors]
-            # Judged by the mean RMSD after refining over the levels: the checkpoint that denoises best is kept.
+            # Judged by the RMSD after refining held-out pairs when there are any (the error the head is for),
+            # else by the mean over the noise levels: the checkpoint that does best is kept.
             score = float(np.mean([error.rmsd_after for error in errors]))
+            if eval_pairs:
+                row["eval_pairs"] = asdict(refinement.pair_errors(model, tokenizer, eval_pairs))
+                score = row["eval_pairs"]["rmsd_after"]
             if score < best:
                 best, best_state = score, copy.deepcopy(accelerator.unwrap_model(prepared).state_dict())
                 row["best"] = True

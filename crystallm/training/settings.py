@@ -134,3 +134,5 @@ class RefinerSettings(TrainingSettings):
     max_atoms: int = 96  # crystals with more atoms are skipped
     eval_every: int = 500  # steps between held-out losses
     mixed_precision: str = "no"  # geometry in fp32
+    pairs: str | None = None  # (true, sampled) texts of train/skeleton_pairs.py: the model's own errors to undo
+    pair_share: float = 1.0  # with `pairs`: share of a batch's rows (that have a pair) trained on it, not on noise
