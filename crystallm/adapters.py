@@ -27,7 +27,7 @@ def available_adapters(folder: str | Path) -> list[str]:
 
     >>> from crystallm.model_folder import DEFAULT_MODEL
     >>> available_adapters(DEFAULT_MODEL)
-    ['band_gap', 'formation_energy_per_atom']
+    ['band_gap', 'formation_energy_per_atom', 'masked_atom']
     """
     root = Path(folder) / ADAPTERS_FOLDER
     return sorted(path.parent.name for path in root.glob("*/adapter_config.json"))
