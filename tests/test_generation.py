@@ -337,7 +337,7 @@ def test_two_runs_into_one_folder_one_is_refused_and_the_other_is_a_lone_run(res
 def test_ctrl_c_is_one_line_that_says_what_was_kept_and_resume_completes_it(tiny_model_dir, tmp_path):
     out = tmp_path / "interrupted"
     command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--out",
-               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "40", "--quiet"]
+               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "120", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out / "samples.jsonl", 6)
     process.send_signal(signal.SIGINT)
@@ -347,4 +347,4 @@ def test_ctrl_c_is_one_line_that_says_what_was_kept_and_resume_completes_it(tiny
     assert line == (f"crystallm generate: interrupted; the {kept} structures finished are kept in {out}: add "
                     f"--resume to the same command to continue")
     assert subprocess.run(command + ["--resume"], capture_output=True).returncode == 0
-    assert [json.loads(line)["index"] for line in (out / "samples.jsonl").read_text().splitlines()] == list(range(40))
+    assert [json.loads(line)["index"] for line in (out / "samples.jsonl").read_text().splitlines()] == list(range(120))
