@@ -47,11 +47,12 @@ def sample_on_skeleton(model, tokenizer, texts: list[str], seed: int = 0, temper
     >>> sampled.replace(sampled.split()[6], "5.64") == text  # only the cell length may differ
     True
     """
-    too_long = [i for i, text in enumerate(texts) if len(tokenizer(text)["input_ids"]) >= model.config.n_positions]
+    # One token over the limit is enough to tell which texts the model cannot read whole.
+    batch = encode_texts(tokenizer, texts, model.config.n_positions + 1)
+    too_long = (batch["attention_mask"].sum(1) > model.config.n_positions).nonzero().flatten().tolist()
     if too_long:
         raise CrystaLLMInputError(f"texts {too_long[:5]}: longer than the model reads ({model.config.n_positions} "
                                   f"tokens)")
-    batch = encode_texts(tokenizer, texts, model.config.n_positions)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     kinds = number_kinds(tokenizer).to(model.device)  # (kinds, vocabulary)
     of_ids = kinds[:, ids]  # (kinds, batch, length)
