@@ -197,3 +197,28 @@ def test_the_head_trains_on_the_models_own_errors_and_held_out_pairs_judge_it(tm
     # The untrained model's numbers are far from the true ones: the held-out pairs' error before the head is large
     # and judges the checkpoints.
     assert all(r["eval_pairs"]["rmsd_before"] > 0.1 for r in evaluated) and evaluated[0].get("best")
+
+
+def test_a_pair_is_trained_at_the_level_of_its_own_error_and_one_beyond_the_range_gives_way_to_noise(
+        model_with_head, tokenizer, texts):
+    from crystallm.refinement.training import _training_batch
+    from crystallm.training.settings import RefinerSettings
+
+    # Crystals with free coordinates, so that a pair can move sites: one near its truth, one far from it.
+    chosen = [text for text in texts if "." not in text.split("\n")[-1].split()[2:]][:2]
+    clean = [CrystalGeometry.from_crystal(text_format.read_crystal_text(text)) for text in chosen]
+    near = noised_as_written(clean[0], 0.05, 0.2, np.random.default_rng(1))
+    far = noised_as_written(clean[1], 2.0, 0.0, np.random.default_rng(1))
+    pairs = {chosen[0]: text_format.format_crystal_text(near), chosen[1]: text_format.format_crystal_text(far)}
+    settings = RefinerSettings.from_dict({"corpus": "unused", "refiner": {}, "sigma_range": [0.02, 0.5],
+                                          "output_dir": "unused", "pairs": "unused", "pair_share": 1.0})
+    head = model_with_head.refiner
+    _, sigmas, displacements, _ = _training_batch(chosen, [0, 1], head, model_with_head, tokenizer, settings, pairs, 1)
+    expected, strain = CrystalGeometry.from_crystal(near).displacement_to(clean[0])
+    level = max(np.sqrt((expected ** 2).sum(axis=1).mean()),
+                np.abs(np.linalg.eigvalsh(strain)).max() / head.lattice_noise)
+    assert float(sigmas[0]) == pytest.approx(level, rel=1e-5)
+    assert np.allclose(displacements[:len(expected)].numpy(), expected, atol=1e-5)  # the pair itself, undone
+    far_displacement, _ = CrystalGeometry.from_crystal(far).displacement_to(clean[1])
+    assert np.sqrt((far_displacement ** 2).sum(axis=1).mean()) > 0.5  # beyond the range: not trained on
+    assert 0.02 <= float(sigmas[1]) <= 0.5

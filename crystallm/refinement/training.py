@@ -32,9 +32,10 @@ def _training_batch(texts: list[str], rows: list[int], head: CrystalRefiner, mod
                     step: int) -> tuple[GeometryBatch, torch.Tensor, ...]:
     """Corpus crystals moved off their place and the true way back: the head's input, the levels, the
     displacements and the strains. A row with a pair (`pairs`: true text -> the model's numbers on its skeleton)
-    is that pair with probability `pair_share`, at the level of its own RMSD; the others are noised (each at its
-    own level, log-uniform in `sigma_range`, written as text). Each row's draws come from the seed, the step and
-    the row alone, so processes sharing a step draw what one process would."""
+    is that pair with probability `pair_share`, at the level of its own error, unless that level is beyond
+    `sigma_range` (the model placed the sites another way); the others are noised (each at its own level,
+    log-uniform in `sigma_range`, written as text). Each row's draws come from the seed, the step and the row
+    alone, so processes sharing a step draw what one process would."""
     low, high = np.log(settings.sigma_range[0]), np.log(settings.sigma_range[1])
     noisy, sigmas, displacements, strains = [], [], [], []
     for text, row in zip(texts, rows):
@@ -42,18 +43,22 @@ def _training_batch(texts: list[str], rows: list[int], head: CrystalRefiner, mod
         if len(clean.elements) > settings.max_atoms:
             continue
         rng = np.random.default_rng([settings.seed, step, row])
+        geometry = None
         if text in pairs and rng.random() < settings.pair_share:  # the model's own error
-            crystal = text_format.read_crystal_text(pairs[text])
-            sigma = None
-        else:
+            geometry = refinement.CrystalGeometry.from_crystal(text_format.read_crystal_text(pairs[text]))
+            displacement, strain = geometry.displacement_to(clean)
+            # The noise level that moves sites and cell this far (noise strains the cell by lattice_noise * sigma).
+            sigma = max(float(np.sqrt((displacement ** 2).sum(axis=1).mean())), settings.sigma_range[0],
+                        float(np.abs(np.linalg.eigvalsh(strain)).max()) / head.lattice_noise)
+            if sigma > settings.sigma_range[1]:  # the sites placed another way or a cell far off: not to undo
+                geometry = None
+        if geometry is None:
             sigma = float(np.exp(rng.uniform(low, high)))
             crystal = refinement.noised_as_written(clean, sigma, head.lattice_noise, rng)
-        if crystal is None:
-            continue
-        geometry = refinement.CrystalGeometry.from_crystal(crystal)
-        displacement, strain = geometry.displacement_to(clean)
-        if sigma is None:
-            sigma = max(float(np.sqrt((displacement ** 2).sum(axis=1).mean())), settings.sigma_range[0])
+            if crystal is None:
+                continue
+            geometry = refinement.CrystalGeometry.from_crystal(crystal)
+            displacement, strain = geometry.displacement_to(clean)
         noisy.append(geometry)
         sigmas.append(sigma)
         displacements.append(displacement)
