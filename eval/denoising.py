@@ -1,6 +1,9 @@
 """Stage: held-out denoising of the refinement head (crystallm/refinement/): real test structures
 noised at known levels (as in training, written as text), refined from that level, their error before and after;
-a curve over the noise level, as numbers and a plot.
+a curve over the noise level, as numbers and a plot. With `skeleton_pairs: {seed:, within:}`, also the model's own
+error on the same structures (issue 38): its numbers sampled on each one's skeleton
+(`generation.skeleton.skeleton_pairs`), refined by the head; before and after over all pairs and over those whose
+sites sit within `within` Å of the truth.
 
     python eval/denoising.py configs/experiments/eval-denoising-default.yaml
 """
@@ -11,8 +14,9 @@ from pathlib import Path
 from crystallm import data
 from crystallm.evaluation import reports
 from crystallm.generation.sampling import load_generator
+from crystallm.generation.skeleton import skeleton_pairs
 from crystallm.io import text_format
-from crystallm.refinement import denoising_errors
+from crystallm.refinement import denoising_errors, pair_errors
 from crystallm.stage_config import read_stage_config
 
 
@@ -46,6 +50,16 @@ def main() -> None:
     errors = [asdict(e) for e in denoising_errors(model, tokenizer, crystals, config["sigmas"], seed=config["seed"])]
     summary = {"model": config.get("model"), "structures": len(crystals), "source": config["source"],
                "errors": errors}
+    if config.get("skeleton_pairs"):
+        seed, within = config["skeleton_pairs"]["seed"], config["skeleton_pairs"]["within"]
+        pairs = [(text_format.read_crystal_text(sampled), text_format.read_crystal_text(true)) for true, sampled
+                 in skeleton_pairs(model, tokenizer, [by_id[i] for i in wanted if i in by_id], seed)]
+        summary["skeleton_pairs"] = {"pairs": len(pairs), "all": asdict(pair_errors(model, tokenizer, pairs)),
+                                     f"within {within} Å": asdict(pair_errors(model, tokenizer, pairs, within=within))}
+        for name, e in summary["skeleton_pairs"].items():
+            if name != "pairs":
+                print(f"skeleton pairs, {name}: RMSD {e['rmsd_before']:.4f} -> {e['rmsd_after']:.4f} Å, "
+                      f"cell lengths {e['length_error_before']:.4f} -> {e['length_error_after']:.4f}")
     reports.write_json(summary, out / "summary.json")
     plot(errors, out / "denoising.png")
     for e in errors:

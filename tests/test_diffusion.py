@@ -8,13 +8,14 @@ from crystallm.errors import CrystaLLMInputError
 from crystallm.generation.prompt import Prompt
 from crystallm.generation.sampling import generate_structures, load_generator
 from crystallm.generation.settings import SamplingSettings
-from crystallm.generation.skeleton import sample_on_skeleton
+from crystallm.generation.skeleton import sample_on_skeleton, skeleton_pairs
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM, load_model
 from crystallm.refinement.inference import (
     CrystalGeometry,
     geometry_batch,
     noised_as_written,
+    pair_errors,
     refine_texts,
     site_hidden_states,
 )
@@ -181,8 +182,9 @@ def test_the_head_trains_on_the_models_own_errors_and_held_out_pairs_judge_it(tm
     tokenizer.save_pretrained(base)
     corpus = data.load_texts("data/pretraining-corpus.csv.gz", max_rows=40)
     corpus.to_csv(tmp_path / "corpus.csv", index=False)
-    sampled = sample_on_skeleton(model, tokenizer, corpus["text"], seed=0)
-    kept = [(t, s) for t, s in zip(corpus["text"], sampled) if text_format.read_crystal_text(s).lattice_parameters]
+    kept = skeleton_pairs(model, tokenizer, corpus["text"], seed=0, batch_size=16)
+    assert 30 <= len(kept) <= 40 and all(t in corpus["text"] for t, _ in kept)  # a few make no cell
+    assert kept == skeleton_pairs(model, tokenizer, corpus["text"], seed=0, batch_size=16)  # seeded
     write_pairs([t for t, _ in kept], [s for _, s in kept], tmp_path / "pairs.csv.gz")
     assert read_pairs(tmp_path / "pairs.csv.gz") == dict(kept)
 
@@ -197,6 +199,11 @@ def test_the_head_trains_on_the_models_own_errors_and_held_out_pairs_judge_it(tm
     # The untrained model's numbers are far from the true ones: the held-out pairs' error before the head is large
     # and judges the checkpoints.
     assert all(r["eval_pairs"]["rmsd_before"] > 0.1 for r in evaluated) and evaluated[0].get("best")
+    # Judged over the pairs within a distance: fewer pairs, each no farther than that.
+    trained = load_model(out)
+    crystals = [(text_format.read_crystal_text(s), text_format.read_crystal_text(t)) for t, s in kept]
+    every, near = pair_errors(trained, tokenizer, crystals), pair_errors(trained, tokenizer, crystals, within=0.3)
+    assert every.crystals == len(kept) and 0 < near.crystals < every.crystals and near.rmsd_before <= 0.3
 
 
 def test_a_pair_is_trained_at_the_level_of_its_own_error_and_one_beyond_the_range_gives_way_to_noise(

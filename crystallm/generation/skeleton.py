@@ -14,6 +14,7 @@ import re
 import torch
 
 from crystallm.errors import CrystaLLMInputError
+from crystallm.io import text_format
 from crystallm.tokenization import encode_texts
 
 # The kinds of number token: a cell value's whole part (the format's lengths and angles lie in [1, 180)), a
@@ -72,3 +73,36 @@ def sample_on_skeleton(model, tokenizer, texts: list[str], seed: int = 0, temper
         logits = logits.masked_fill(~kinds[kind_of[rows, position]], float("-inf"))
         out[rows, position] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).flatten()
     return tokenizer.batch_decode(out.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
+def skeleton_pairs(model, tokenizer, texts: list[str], seed: int = 0, batch_size: int = 64) -> list[tuple[str, str]]:
+    """(true text, the model's numbers on its skeleton) for each text the model reads whole and whose sampled
+    numbers make a cell (angles that close), in the order of `texts`; batches of similar length, batch `k` seeded
+    `seed + k * batch_size`.
+
+    >>> from crystallm.generation.sampling import load_generator
+    >>> model, tokenizer = load_generator()
+    >>> text = ("data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n"
+    ...         + "loop_\\n_atom_site_type_symbol\\n_atom_site_Wyckoff_symbol\\n_atom_site_fract_x\\n"
+    ...         + "_atom_site_fract_y\\n_atom_site_fract_z\\nNa 4a . . .\\nCl 4b . . .")
+    >>> [(true, sampled)] = skeleton_pairs(model, tokenizer, [text])
+    >>> true == text and sampled.startswith("data_NaCl")
+    True
+    """
+    texts = list(texts)
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    readable = [i for i, length in enumerate(lengths) if length < model.config.n_positions]
+    order = sorted(readable, key=lambda i: len(texts[i]))  # batches of similar length: little padding
+    sampled = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        sampled |= dict(zip(rows, sample_on_skeleton(model, tokenizer, [texts[i] for i in rows], seed=seed + start)))
+    return [(texts[i], sampled[i]) for i in readable if _makes_a_cell(sampled[i])]
+
+
+def _makes_a_cell(text: str) -> bool:
+    try:
+        text_format.crystal_text_to_structure(text_format.read_crystal_text(text))
+        return True
+    except CrystaLLMInputError:
+        return False

@@ -4,8 +4,8 @@ crystals as free Wyckoff and lattice parameters, neighbour batches, `refine_text
 its training entry point (`training.train_refiner`, by the accelerate convention of every loop). The first two sit
 with the model in the layers; `training` with the other training loops, so this package does not import it."""
 
-from crystallm.refinement.inference import CrystalGeometry, denoising_errors, refine_crystals, refine_texts
+from crystallm.refinement.inference import CrystalGeometry, denoising_errors, pair_errors, refine_crystals, refine_texts
 from crystallm.refinement.network import CrystalRefiner, GeometryBatch, RefinerOutput
 
 __all__ = ["CrystalGeometry", "CrystalRefiner", "GeometryBatch", "RefinerOutput", "denoising_errors",
-           "refine_crystals", "refine_texts"]
+           "pair_errors", "refine_crystals", "refine_texts"]

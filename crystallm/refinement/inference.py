@@ -266,13 +266,15 @@ def refine_texts(model, tokenizer, texts: list[str]) -> list[text_format.Crystal
 @dataclass
 class DenoisingError:
     """How far noised structures sit from their clean originals before and after the head refines them, at one
-    noise level: median per-crystal RMSD of the atoms (Å) and mean relative error of the cell lengths."""
+    noise level: median per-crystal RMSD of the atoms (Å) and mean relative error of the cell lengths, over
+    `crystals`."""
 
     sigma: float
     rmsd_before: float
     rmsd_after: float
     length_error_before: float
     length_error_after: float
+    crystals: int
 
 
 def _distance(geometry: CrystalGeometry, clean: CrystalGeometry) -> tuple[float, float]:
@@ -308,10 +310,14 @@ def denoising_errors(model, tokenizer, crystals: list[text_format.CrystalText], 
 
 
 def pair_errors(model, tokenizer, pairs: list[tuple[text_format.CrystalText, text_format.CrystalText]],
-                batch_size: int = 64) -> DenoisingError:
+                batch_size: int = 64, within: float | None = None) -> DenoisingError:
     """Held-out (sampled, true) pairs of `generation.skeleton.sample_on_skeleton`: how far the model's own numbers
-    sit from the true ones before and after the head refines them (from its `sigma_start`, as in generation)."""
+    sit from the true ones before and after the head refines them (from its `sigma_start`, as in generation).
+    `within` (Å): only the pairs whose sites sit at most that RMSD from the truth (beyond it the model placed
+    them another way, which no refinement undoes)."""
     pairs = [(sampled, CrystalGeometry.from_crystal(true)) for sampled, true in pairs]
+    if within is not None:
+        pairs = [(s, t) for s, t in pairs if _distance(CrystalGeometry.from_crystal(s), t)[0] <= within]
     return _refinement_error(model, tokenizer, pairs, model.refiner.sigma_start, batch_size)
 
 
@@ -323,7 +329,7 @@ def _refinement_error(model, tokenizer, kept: list[tuple[text_format.CrystalText
     before = np.array([_distance(CrystalGeometry.from_crystal(n), c) for n, c in kept])
     after = np.array([_distance(CrystalGeometry.from_crystal(r), c) for r, (_, c) in zip(refined, kept)])
     return DenoisingError(sigma, float(np.median(before[:, 0])), float(np.median(after[:, 0])),
-                          float(before[:, 1].mean()), float(after[:, 1].mean()))
+                          float(before[:, 1].mean()), float(after[:, 1].mean()), len(kept))
 
 
 def noised_as_written(geometry: CrystalGeometry, sigma: float, lattice_noise: float,
