@@ -4,6 +4,7 @@ crystallm/resources/default-model), with the corpus it was trained on, and write
     python train/export_model.py configs/export-default-model.yaml
 """
 
+import filecmp
 import json
 import shutil
 from pathlib import Path
@@ -17,10 +18,14 @@ def main() -> None:
     config = read_stage_config(__doc__)
     run, destination = Path(config["run_dir"]), Path(config["destination"])
     destination.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        shutil.copyfile(run / name, destination / name)
     # What the model was trained on travels with it: the novelty reference of `crystallm design`.
-    shutil.copyfile(config["corpus"], destination / TRAINING_CORPUS)
+    copies = [(run / name, destination / name) for name in MODEL_FILES] + [(Path(config["corpus"]),
+                                                                           destination / TRAINING_CORPUS)]
+    for source, target in copies:
+        # A file already the same stays in place: rewriting weights under a process that reads them (safetensors
+        # maps the file) crashes it.
+        if not target.exists() or not filecmp.cmp(source, target, shallow=False):
+            shutil.copyfile(source, target)
     results = {label: json.loads(Path(path).read_text()) for label, path in (config.get("results") or {}).items()
                if Path(path).exists()}
     card = render_model_card(config["title"], config["description"], training_record(run), config["command"],
