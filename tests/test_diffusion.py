@@ -204,6 +204,8 @@ def test_the_head_trains_on_the_models_own_errors_and_held_out_pairs_judge_it(tm
     crystals = [(text_format.read_crystal_text(s), text_format.read_crystal_text(t)) for t, s in kept]
     every, near = pair_errors(trained, tokenizer, crystals), pair_errors(trained, tokenizer, crystals, within=0.3)
     assert every.crystals == len(kept) and 0 < near.crystals < every.crystals and near.rmsd_before <= 0.3
+    with pytest.raises(CrystaLLMInputError, match="no pair sits within -1"):
+        pair_errors(trained, tokenizer, crystals, within=-1)
 
 
 def test_a_pair_is_trained_at_the_level_of_its_own_error_and_one_beyond_the_range_gives_way_to_noise(

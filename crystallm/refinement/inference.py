@@ -318,6 +318,8 @@ def pair_errors(model, tokenizer, pairs: list[tuple[text_format.CrystalText, tex
     pairs = [(sampled, CrystalGeometry.from_crystal(true)) for sampled, true in pairs]
     if within is not None:
         pairs = [(s, t) for s, t in pairs if _distance(CrystalGeometry.from_crystal(s), t)[0] <= within]
+        if not pairs:
+            raise CrystaLLMInputError(f"no pair sits within {within} Å of its true structure")
     return _refinement_error(model, tokenizer, pairs, model.refiner.sigma_start, batch_size)
 
 
