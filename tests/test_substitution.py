@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from pymatgen.core import Composition, Lattice, Structure
+from safetensors.torch import load_file
 
 from crystallm import data
 from crystallm.adapters import active_adapter
@@ -112,6 +113,19 @@ def test_a_masked_atom_adapter_learns_on_a_frozen_base_and_substitution_ranks_wi
     element = next(iter(text_format.read_crystal_text(text).formula))
     assert substitution_log_probabilities(model, tokenizer, text, element) != \
         substitution_log_probabilities(bare, tokenizer, text, element)
+
+    # A warm restart starts from the trained weights (a step at learning rate 0 keeps them exactly; LoRA's own
+    # initialization would not), and an adapter of another rank is refused by name.
+    settings = dict(model=str(base), corpus="data/pretraining-corpus.csv.gz", max_rows=8, batch_size=8,
+                    max_steps=1, init_from=str(base / "adapters" / "masked_atom"), lr_schedule="cosine")
+    restarted = train_masked_atom_adapter(AdapterSettings(**settings, output_dir=str(tmp_path / "again"),
+                                                          learning_rate=0.0, rank=4))
+    trained_weights = load_file(base / "adapters" / "masked_atom" / "adapter_model.safetensors")
+    restarted_weights = load_file(restarted / "adapter_model.safetensors")
+    assert restarted_weights.keys() == trained_weights.keys()
+    assert all(torch.equal(value, trained_weights[key]) for key, value in restarted_weights.items())
+    with pytest.raises(CrystaLLMInputError, match="init_from .*masked_atom: not an adapter of these settings"):
+        train_masked_atom_adapter(AdapterSettings(**settings, output_dir=str(tmp_path / "other"), rank=8))
 
 
 def test_recovery_baselines_rank_real_elements(corpus_texts):

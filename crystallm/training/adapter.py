@@ -123,6 +123,22 @@ def train_masked_atom_adapter(settings: AdapterSettings) -> Path:
                   [MASK], objective_weights={"clm_weight": 0.0, "masked_atom_weight": 1.0})
 
 
+def _load_adapter_weights(model, name: str, folder: Path) -> None:
+    """Start the adapter `name` from the weights of a trained one (`init_from`: a folder of PEFT's layout, made by
+    the same settings' rank and modules); an adapter of another shape is an error naming the folder."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise CrystaLLMInputError(f"init_from {folder}: no adapter_model.safetensors there")
+    try:
+        loaded = set_peft_model_state_dict(model, load_peft_weights(str(folder)), adapter_name=name)
+    except RuntimeError as error:  # torch's size mismatch
+        raise CrystaLLMInputError(f"init_from {folder}: not an adapter of these settings ({error})") from None
+    unexpected = [key for key in loaded.unexpected_keys if f".{name}" in key or "lora" in key]
+    if unexpected:
+        raise CrystaLLMInputError(f"init_from {folder}: weights this adapter lacks ({unexpected[0]}, ...)")
+
+
 def _prefixed_batch(tokenizer, prefixes: list[str], texts: list[str], prefix_tokens: int) -> tuple[dict, torch.Tensor]:
     """Causal-LM inputs of each prefix + text, the loss skipping `<bos>` and the `prefix_tokens` (given, not
     predicted), and the number of tokens it averages over."""
@@ -143,6 +159,7 @@ def _train(settings: AdapterSettings, name: str, lengths: list[int], batch: Batc
     loss of the forward pass on each step's `batch`, plus `auxiliary(what the batch's context gave, rows)` when
     given. `objective_weights` set the base config's loss weights while training (not saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import get_scheduler
 
     out, seed = Path(settings.output_dir), settings.seed
     torch.manual_seed(seed)
@@ -159,11 +176,15 @@ def _train(settings: AdapterSettings, name: str, lengths: list[int], batch: Batc
                       trainable_token_indices=tokenizer.convert_tokens_to_ids(trainable_tokens),
                       modules_to_save=["pattern_encoder"] if encoder is not None else None)
     model = get_peft_model(model, lora, adapter_name=name)
+    if settings.init_from:
+        _load_adapter_weights(model, name, Path(settings.init_from))
     # Record the base by how the config names it, not by this machine's absolute path.
     model.peft_config[name].base_model_name_or_path = settings.model or "crystallm/resources/default-model"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=settings.learning_rate, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=0,
+                              num_training_steps=settings.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     batch_size, batches, started = settings.batch_size, [], time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     settings.save(out / name)
@@ -184,6 +205,7 @@ def _train(settings: AdapterSettings, name: str, lengths: list[int], batch: Batc
         extra = auxiliary(conditioned, picked) if auxiliary else torch.zeros((), device=loss.device)
         accelerator.backward((loss + extra) * accelerator.num_processes)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
         step_loss = float(accelerator.reduce(loss.detach(), "sum"))
         if accelerator.is_main_process:

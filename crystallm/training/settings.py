@@ -119,6 +119,13 @@ class AdapterSettings(TrainingSettings):
     num_proc: int | None = None  # worker processes that compute diffraction peaks
     clean_share: float = 0.25  # the pattern adapter: share of undegraded patterns
     lattice_weight: float = 1.0  # the pattern adapter: weight of the lattice-reading loss
+    init_from: str | None = None  # an adapter folder of the same name and rank: its weights, a new schedule
+    lr_schedule: str = "constant"  # "constant", or "cosine" decay to 0 at max_steps (HF's scheduler names)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CrystaLLMInputError(f"lr_schedule {self.lr_schedule!r}: constant or cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
