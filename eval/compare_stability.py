@@ -1,6 +1,7 @@
 """Stage: two stability runs over the same structures (two arms, e.g. the refinement head off and on), compared
 structure by structure from their relaxation caches: each arm's medians and means over the structures relaxed
-in both, and how often, and by how much, the second arm is lower.
+in both, and how often, and by how much, the second arm is lower. A structure whose relaxation the time cap ended
+in either arm is left out (its figures follow the machine's load; `relaxation.stopped_by_time`) and counted.
 
     python eval/compare_stability.py configs/experiments/eval-stability-compare-refiner.yaml
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from crystallm.evaluation import reports
 from crystallm.evaluation.hull import ReferenceHull, place_on_hull
+from crystallm.evaluation.relaxation import stopped_by_time
 from crystallm.stage_config import read_stage_config
 
 MEASURES = ("rmsd", "initial_energy_per_atom", "energy_per_atom", "steps", "e_above_hull")
@@ -24,8 +26,11 @@ def main() -> None:
     arms = {name: {r["name"]: place_on_hull(r, hull, False) for r in reports.read_json_lines(cache)}
             for name, cache in config["arms"].items()}
     (first, one), (second, two) = arms.items()
-    names = [n for n in one if n in two and not one[n]["error"] and not two[n]["error"]]
-    summary = {"arms": config["arms"], "compared": len(names), "per_arm": {}, "paired": {}}
+    relaxed = [n for n in one if n in two and not one[n]["error"] and not two[n]["error"]]
+    timed_out = {n for n in relaxed if any(stopped_by_time(arm[n], arm[n]["settings"]["steps"]) for arm in (one, two))}
+    names = [n for n in relaxed if n not in timed_out]
+    summary = {"arms": config["arms"], "compared": len(names), "stopped_by_time": len(timed_out), "per_arm": {},
+               "paired": {}}
     for arm, records in arms.items():
         summary["per_arm"][arm] = {f"median_{m}": float(np.median([records[n][m] for n in names])) for m in MEASURES}
         summary["per_arm"][arm]["stable_share"] = float(np.mean([records[n]["stable"] for n in names]))
@@ -43,6 +48,7 @@ def main() -> None:
              for m in MEASURES]
     rows.append(f"| stable share | {summary['per_arm'][first]['stable_share']:.3f} | "
                 f"{summary['per_arm'][second]['stable_share']:.3f} | | |")
+    rows.append(f"\n{len(timed_out)} structures left out: the time cap ended their relaxation in one arm or both.")
     (out / "summary.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 

@@ -279,7 +279,7 @@ class Stability(Metric):
 
     needs = ("stability",)
     TABLE = ("relaxed", "failed", "stable_rate", "sun_rate", "median_e_above_hull", "median_rmsd",
-             "core_seconds_per_structure")
+             "stopped_by_time", "core_seconds_per_structure")
 
     def compute(self, inputs):
         task = inputs.stability

@@ -276,15 +276,29 @@ def approximations(settings: RelaxationSettings) -> dict[str, str]:
                     "fractional differences taken the short way, in the relaxed lattice"}
 
 
+def stopped_by_time(record: dict, steps: int) -> bool:
+    """Whether a relaxation ended at its `max_seconds`, neither converged nor at its `steps`: its energy, RMSD and
+    steps then depend on the machine's load as well as on the structure, so paired comparisons leave it out
+    (docs/stability.md).
+
+    >>> stopped_by_time({"error": "", "converged": False, "steps": 12}, steps=50)
+    True
+    >>> stopped_by_time({"error": "", "converged": False, "steps": 50}, steps=50)
+    False
+    """
+    return not record["error"] and not record["converged"] and record["steps"] < steps
+
+
 def summarize_stability(records: list[dict], entries: int, unique: dict[str, bool] | None = None,
                         novel: dict[str, bool] | None = None,
                         settings: RelaxationSettings = RelaxationSettings()) -> dict:
     """Rates over all `entries` evaluated (unreadable and invalid ones count as not stable): stable share,
     S.U.N. rate (stable, unique among the samples, novel against the training set: `unique` and `novel` map
     names to flags), medians of E_hull, RMSD and relaxation steps and mean CHGNet energies before and after over
-    the relaxed ones, seconds per structure, failures by reason.
+    the relaxed ones, seconds per structure, failures by reason, and how many relaxations the time cap ended.
 
-    >>> records = [{"name": "a", "error": "", "e_above_hull": 0.02, "stable": True, "rmsd": 0.1, "seconds": 2.0},
+    >>> records = [{"name": "a", "error": "", "e_above_hull": 0.02, "stable": True, "rmsd": 0.1, "seconds": 2.0,
+    ...             "converged": True, "steps": 9},
     ...            {"name": "b", "error": "FloatingPointError: the cell exploded", "seconds": 1.0}]
     >>> summary = summarize_stability(records, entries=4, unique={"a": True}, novel={"a": True})
     >>> summary["stable_rate"], summary["sun_rate"], summary["failed"], summary["median_rmsd"]
@@ -303,6 +317,7 @@ def summarize_stability(records: list[dict], entries: int, unique: dict[str, boo
         "median_e_above_hull": float(np.median([r["e_above_hull"] for r in relaxed])) if relaxed else None,
         "median_rmsd": float(np.median([r["rmsd"] for r in relaxed])) if relaxed else None,
         "converged": sum(bool(r.get("converged")) for r in relaxed),
+        "stopped_by_time": sum(stopped_by_time(r, settings.steps) for r in relaxed),
         "median_steps": _statistic(np.median, relaxed, "steps"),
         "mean_initial_energy_per_atom": _statistic(np.mean, relaxed, "initial_energy_per_atom"),
         "mean_energy_per_atom": _statistic(np.mean, relaxed, "energy_per_atom"),
