@@ -336,11 +336,13 @@ def test_two_runs_into_one_folder_one_is_refused_and_the_other_is_a_lone_run(res
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_that_says_what_was_kept_and_resume_completes_it(tiny_model_dir, tmp_path):
     out = tmp_path / "interrupted"
-    # 240 samples, the signal after 2: with this test's process starved by other jobs, 120 had all finished first.
     command = [sys.executable, "-m", "crystallm.cli", "generate", "--model", str(tiny_model_dir), "--out",
-               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "240", "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(out / "samples.jsonl", 2)
+               str(out), "--batch-size", "2", "--max-atoms", "24", "--num", "120", "--quiet"]
+    # The child takes Ctrl-C as a terminal gives it: a test run started in the background (`... &`) ignores
+    # SIGINT, and an ignored signal is inherited across exec, so the run would finish instead.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_lines(out / "samples.jsonl", 6)
     process.send_signal(signal.SIGINT)
     assert process.wait() == 130
     [line] = process.stderr.read().strip().splitlines()
@@ -348,4 +350,4 @@ def test_ctrl_c_is_one_line_that_says_what_was_kept_and_resume_completes_it(tiny
     assert line == (f"crystallm generate: interrupted; the {kept} structures finished are kept in {out}: add "
                     f"--resume to the same command to continue")
     assert subprocess.run(command + ["--resume"], capture_output=True).returncode == 0
-    assert [json.loads(line)["index"] for line in (out / "samples.jsonl").read_text().splitlines()] == list(range(240))
+    assert [json.loads(line)["index"] for line in (out / "samples.jsonl").read_text().splitlines()] == list(range(120))
