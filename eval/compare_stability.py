@@ -1,7 +1,8 @@
-"""Stage: two stability runs over the same structures (two arms, e.g. the refinement head off and on), compared
-structure by structure from their relaxation caches: each arm's medians and means over the structures relaxed
-in both, and how often, and by how much, the second arm is lower. A structure whose relaxation the time cap ended
-in either arm is left out (its figures follow the machine's load; `relaxation.stopped_by_time`) and counted.
+"""Stage: two stability runs over the same structures (two arms, e.g. the refinement head off and on, or two
+potentials), compared structure by structure from their relaxation caches: each arm's medians and means over the
+structures relaxed in both, and how often, and by how much, the second arm is lower. A structure whose relaxation
+the time cap ended in either arm is left out (its figures follow the machine's load; `relaxation.stopped_by_time`)
+and counted. Each arm is placed on the hull (`hull`, default the shipped one) with its potential's MP2020 choice.
 
     python eval/compare_stability.py configs/experiments/eval-stability-compare-refiner.yaml
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from crystallm.evaluation import reports
 from crystallm.evaluation.hull import ReferenceHull, place_on_hull
-from crystallm.evaluation.relaxation import stopped_by_time
+from crystallm.evaluation.relaxation import MP2020_BY_DEFAULT, stopped_by_time
 from crystallm.stage_config import read_stage_config
 
 MEASURES = ("rmsd", "initial_energy_per_atom", "energy_per_atom", "steps", "e_above_hull")
@@ -22,14 +23,15 @@ MEASURES = ("rmsd", "initial_energy_per_atom", "energy_per_atom", "steps", "e_ab
 
 def main() -> None:
     config = read_stage_config(__doc__)
-    hull = ReferenceHull.from_file()
-    arms = {name: {r["name"]: place_on_hull(r, hull, False) for r in reports.read_json_lines(cache)}
+    hull = ReferenceHull.from_file(config["hull"]) if config.get("hull") else ReferenceHull.from_file()
+    arms = {name: {r["name"]: place_on_hull(r, hull, MP2020_BY_DEFAULT[r["settings"]["potential"]])
+                   for r in reports.read_json_lines(cache)}
             for name, cache in config["arms"].items()}
     (first, one), (second, two) = arms.items()
     relaxed = [n for n in one if n in two and not one[n]["error"] and not two[n]["error"]]
     timed_out = {n for n in relaxed if any(stopped_by_time(arm[n], arm[n]["settings"]["steps"]) for arm in (one, two))}
     names = [n for n in relaxed if n not in timed_out]
-    summary = {"arms": config["arms"], "compared": len(names), "stopped_by_time": len(timed_out), "per_arm": {},
+    summary = {"arms": config["arms"], "hull": config.get("hull", "shipped"), "compared": len(names), "stopped_by_time": len(timed_out), "per_arm": {},
                "paired": {}}
     for arm, records in arms.items():
         summary["per_arm"][arm] = {f"median_{m}": float(np.median([records[n][m] for n in names])) for m in MEASURES}
