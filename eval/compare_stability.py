@@ -31,8 +31,8 @@ def main() -> None:
     relaxed = [n for n in one if n in two and not one[n]["error"] and not two[n]["error"]]
     timed_out = {n for n in relaxed if any(stopped_by_time(arm[n], arm[n]["settings"]["steps"]) for arm in (one, two))}
     names = [n for n in relaxed if n not in timed_out]
-    summary = {"arms": config["arms"], "hull": config.get("hull", "shipped"), "compared": len(names), "stopped_by_time": len(timed_out), "per_arm": {},
-               "paired": {}}
+    summary = {"arms": config["arms"], "hull": config.get("hull", "shipped"), "compared": len(names),
+               "stopped_by_time": len(timed_out), "per_arm": {}, "paired": {}}
     for arm, records in arms.items():
         summary["per_arm"][arm] = {f"median_{m}": float(np.median([records[n][m] for n in names])) for m in MEASURES}
         summary["per_arm"][arm]["stable_share"] = float(np.mean([records[n]["stable"] for n in names]))
