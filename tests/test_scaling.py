@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import islice
 
 import pytest
 
@@ -153,7 +154,7 @@ def test_relaxation_on_ray_gives_the_local_results_and_shares_the_cache(local_ra
     from crystallm.evaluation.relaxation import RelaxationSettings, stability_records
     from crystallm.evaluation.scoring import score_entries
 
-    records = [r for r in score_entries(iter_entries("mp20-bt/test"), num_proc=1) if not r.error][:3]
+    records = list(islice((r for r in score_entries(iter_entries("mp20-bt/test"), num_proc=1) if not r.error), 3))
     structures = [(r.name, r.structure) for r in records]
     settings = RelaxationSettings(steps=3, max_seconds=60)
     remote = stability_records(structures, tmp_path / "ray.jsonl", settings, num_proc=1, progress=False,

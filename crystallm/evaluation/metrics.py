@@ -4,9 +4,10 @@
 tuple. Records are read, never changed: the per-structure flags S.U.N. needs (unique, novel) are computed once on
 the inputs.
 
+>>> from itertools import islice
 >>> from crystallm.evaluation.readers import iter_entries
 >>> from crystallm.evaluation.scoring import score_entries
->>> records = list(score_entries(iter_entries("mp20-bt/test"), num_proc=1))[:4]
+>>> records = list(score_entries(islice(iter_entries("mp20-bt/test"), 4), num_proc=1))
 >>> summary = summarize(MetricInputs(records))
 >>> summary["entries"], summary["validity"]["overall"], summary["uniqueness"]
 (4, 1.0, 1.0)
