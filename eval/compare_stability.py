@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from crystallm.evaluation import reports
-from crystallm.evaluation.hull import ReferenceHull, place_on_hull
+from crystallm.evaluation.hull import HULL_FILE, ReferenceHull, place_on_hull
 from crystallm.evaluation.relaxation import MP2020_BY_DEFAULT, stopped_by_time
 from crystallm.stage_config import read_stage_config
 
@@ -23,7 +23,7 @@ MEASURES = ("rmsd", "initial_energy_per_atom", "energy_per_atom", "steps", "e_ab
 
 def main() -> None:
     config = read_stage_config(__doc__)
-    hull = ReferenceHull.from_file(config["hull"]) if config.get("hull") else ReferenceHull.from_file()
+    hull = ReferenceHull.from_file(config.get("hull", HULL_FILE))
     arms = {name: {r["name"]: place_on_hull(r, hull, MP2020_BY_DEFAULT[r["settings"]["potential"]])
                    for r in reports.read_json_lines(cache)}
             for name, cache in config["arms"].items()}
