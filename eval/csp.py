@@ -8,7 +8,8 @@ for each target formula, then match them to the targets.
 With `rank:` a potential (chgnet, sevennet, sevennet-0), every structurally valid attempt is relaxed by it
 (`stability.jsonl`, resumable) and the summary adds `ranked n=1`: the match rate when each target's lowest-energy
 attempt is taken (`relaxation: {steps: 0}`: the energy of each attempt as generated, one call instead of a
-relaxation). With `pattern:
+relaxation); `rank: likelihood` takes each target's attempt with the highest mean log-probability per token
+under the model (`text_log_likelihoods`: no potential, a forward pass an attempt). With `pattern:
 clean` (or `degraded`) each prompt holds the target's computed powder pattern (or a degraded one) for the
 model's `xrd` adapter, and `rank: pattern` takes each target's attempt that agrees best with it. With
 `pattern_in_prompt: false` the prompts hold the formula alone (no adapter needed) and the pattern is used after
@@ -29,7 +30,7 @@ from crystallm.evaluation import batch, csp, metrics, reports
 from crystallm.evaluation.relaxation import POTENTIALS, RelaxationSettings, rank_by_energy
 from crystallm.generation import prompt
 from crystallm.generation.run_folder import GenerationFolder, generate_into
-from crystallm.generation.sampling import load_generator
+from crystallm.generation.sampling import load_generator, text_log_likelihoods
 from crystallm.generation.settings import SamplingSettings
 from crystallm.io.cif import structure_from_cif, write_cif_zip
 from crystallm.stage_config import read_stage_config
@@ -39,6 +40,8 @@ def main() -> None:
     config = read_stage_config(__doc__)
     out = Path(config["output_dir"])
     attempts = int(config["attempts"])
+    if config.get("rank") not in (None, *POTENTIALS, "pattern", "likelihood"):
+        raise SystemExit(f"rank {config['rank']!r}: one of {', '.join(POTENTIALS)}, pattern, likelihood")
     ids_file = config["ids"]
     if config.get("count"):  # the first `count` ids of the list (written beside the results, which name it)
         ids_file = out / "ids.txt"
@@ -75,6 +78,11 @@ def main() -> None:
         ranking = rank_by_energy(attempted, out / "stability.jsonl",
                                  RelaxationSettings(**config.get("relaxation", {}), potential=config["rank"]))
         scores = {r["name"] + suffix: r["energy_per_atom"] for r in ranking if not r["error"]}
+    elif config.get("rank") == "likelihood":  # `ranked n=1` takes each target's attempt the model finds likeliest
+        entries = [e for e in folder.entries if e["name"] in wanted]
+        likelihoods = text_log_likelihoods(model, tokenizer, [e.get("lm_text", e["text"]) for e in entries],
+                                           sampling.batch_size)
+        scores = {e["name"] + suffix: -log_p / tokens for e, (log_p, tokens) in zip(entries, likelihoods)}
     elif config.get("rank") == "pattern":  # `ranked n=1` takes each target's best agreement with its pattern
         by_target = {target: [a for a in attempted if csp.csp_targets(a[0]) == target] for target in given}
         scores = {match.name + suffix: match.disagreement for target, profile in given.items()

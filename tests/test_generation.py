@@ -17,7 +17,7 @@ from crystallm.errors import CheckpointError, CrystaLLMInputError
 from crystallm.generation import run_folder
 from crystallm.generation.prompt import Prompt, reduced_formula
 from crystallm.generation.run_folder import GenerationFolder
-from crystallm.generation.sampling import generate_structures, load_generator
+from crystallm.generation.sampling import generate_structures, load_generator, text_log_likelihoods
 from crystallm.generation.settings import SamplingSettings
 from crystallm.io import text_format
 from crystallm.modeling import CrystaLLMForCausalLM
@@ -110,6 +110,19 @@ def test_left_padded_batches_give_the_same_text_as_single_prompts(tiny):
     batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=12,
                            do_sample=False, pad_token_id=0)
     assert tokenizer.batch_decode(batch, skip_special_tokens=True) == singles
+
+
+def test_text_likelihoods_are_the_models_loss_and_do_not_depend_on_the_batch(tiny, mp20_test_slice):
+    model, tokenizer = tiny
+    texts = [text_format.serialize_structure(Structure.from_str(row["cif"], fmt="cif")) for row in mp20_test_slice[:6]]
+    batched = text_log_likelihoods(model, tokenizer, texts, batch_size=6)  # right-padded to the longest
+    singles = [score for text in texts for score in text_log_likelihoods(model, tokenizer, [text])]
+    assert [n for _, n in batched] == [n for _, n in singles] and len({n for _, n in batched}) > 1
+    assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in singles], abs=1e-3)
+    ids = tokenizer(texts[0] + tokenizer.eos_token, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()  # mean over every token after the first
+    assert -batched[0][0] / batched[0][1] == pytest.approx(loss, rel=1e-4)
 
 
 def test_a_folder_that_is_not_a_crystallm_model_is_refused(tmp_path):

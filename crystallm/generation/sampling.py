@@ -229,6 +229,33 @@ def measure_speed(model, tokenizer, num: int, settings: SamplingSettings = Sampl
             **{key: statistics.median(run[key] for run in runs) for key in runs[0]}}
 
 
+@torch.no_grad()
+def text_log_likelihoods(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[tuple[float, int]]:
+    """(log-probability, tokens) of each text under the base model: the sum over every token after the first
+    and the end of text, and how many that is. Texts written for one prompt can be ranked by it: the model's own
+    judgement of which attempt is likeliest (docs/model-pretraining-decoding.md#choosing-among-attempts).
+
+    >>> model, tokenizer = load_generator()
+    >>> cubic = ("data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n"
+    ...          + text_format.LOOP_HEADER + "\\nNa 4a . . .\\nCl 4b . . .")
+    >>> [(rocksalt, tokens), (odd, _)] = text_log_likelihoods(model, tokenizer, [cubic, cubic.replace("5.64", "9.64")])
+    >>> tokens, rocksalt > odd
+    (22, True)
+    """
+    context = model.disable_adapter() if active_adapter(model) else contextlib.nullcontext()
+    scores = []
+    with context:
+        for first in range(0, len(texts), batch_size):
+            encoded = tokenizer([text + tokenizer.eos_token for text in texts[first:first + batch_size]],
+                                return_tensors="pt", padding=True, padding_side="right").to(model.device)
+            ids, mask = encoded["input_ids"], encoded["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            chosen = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            counted = mask[:, 1:]
+            scores += zip((chosen * counted).sum(1).tolist(), counted.sum(1).tolist())
+    return scores
+
+
 def _sample_batch(model, tokenizer, batch: list[Prompt], grammars: dict, settings: SamplingSettings, first: int,
                   autocast, attempt: int = 0) -> tuple[list[str], list[int], list[int]]:
     """Texts, generated-token counts and grammar fallbacks of one batch (`attempt` > 0: a redraw of some of its
