@@ -233,7 +233,8 @@ def measure_speed(model, tokenizer, num: int, settings: SamplingSettings = Sampl
 def text_log_likelihoods(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[tuple[float, int]]:
     """(log-probability, tokens) of each text under the base model: the sum over every token after the first
     and the end of text, and how many that is. Texts written for one prompt can be ranked by it: the model's own
-    judgement of which attempt is likeliest (docs/model-pretraining-decoding.md#choosing-among-attempts).
+    judgement of which attempt is likeliest (measured as a CSP ranker:
+    docs/model-pretraining-decoding.md#one-answer-by-greedy-decoding-issue-34s-third-stop).
 
     >>> model, tokenizer = load_generator()
     >>> cubic = ("data_NaCl\\n_space_group_name_H-M_alt Fm-3m\\n_cell_formula_units_Z 4\\n_cell_length_a 5.64\\n"
