@@ -33,7 +33,7 @@ from crystallm.io import text_format
 from crystallm.model_folder import DEFAULT_MODEL, resolve_model_folder
 from crystallm.modeling import load_model
 from crystallm.refinement import refine_texts
-from crystallm.tokenization import CrystaLLMTokenizer
+from crystallm.tokenization import CrystaLLMTokenizer, encode_texts
 
 # How often a sample whose text met a dead end of the distance floor is drawn again before it is kept as it is.
 RESAMPLE_ATTEMPTS = 3
@@ -247,8 +247,8 @@ def text_log_likelihoods(model, tokenizer, texts: list[str], batch_size: int = 6
     scores = []
     with context:
         for first in range(0, len(texts), batch_size):
-            encoded = tokenizer([text + tokenizer.eos_token for text in texts[first:first + batch_size]],
-                                return_tensors="pt", padding=True, padding_side="right").to(model.device)
+            chunk = texts[first:first + batch_size]
+            encoded = encode_texts(tokenizer, chunk, model.config.n_positions).to(model.device)
             ids, mask = encoded["input_ids"], encoded["attention_mask"]
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             chosen = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from crystallm.generation.sampling import text_log_likelihoods
 from crystallm.io import text_format
 from crystallm.properties.embedding import unit_embeddings
-from crystallm.tokenization import encode_texts
 from crystallm.training.collator import PretrainingCollator
 
 
@@ -21,18 +20,10 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-@torch.no_grad()
 def causal_lm_loss(model, collator: PretrainingCollator, texts: list[str], batch_size: int = 32) -> float:
     """Mean next-token cross-entropy per token over texts (with <eos>)."""
-    total, tokens = 0.0, 0
-    for chunk in _batches(texts, batch_size):
-        batch = encode_texts(collator.tokenizer, chunk, collator.max_length)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model.lm_head(model.encode(ids, mask)[:, :-1]).float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
-        tokens += int((labels != -100).sum())
-    return total / tokens
+    scores = text_log_likelihoods(model, collator.tokenizer, texts, batch_size)
+    return -sum(log_p for log_p, _ in scores) / sum(tokens for _, tokens in scores)
 
 
 @torch.no_grad()
